@@ -1,0 +1,50 @@
+# Fanout — run `make help` for the targets.
+SHELL := /bin/bash
+CARGO ?= cargo
+BIN := $(or $(CARGO_TARGET_DIR),target)/release/fanout
+
+.PHONY: help deps build demo test lint api-fuzz fmt clippy bench sim clean
+
+help: ## list the targets
+	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
+
+deps: ## install what is missing (redis-server, promtool) on a fresh machine
+	@scripts/install-deps.sh
+
+build: ## build the fanout binary (release)
+	$(CARGO) build --release --locked -p fanout-cli
+
+demo: build ## run a startup report and a 20-persona panel end to end on the simulator
+	@scripts/install-deps.sh --demo
+	$(BIN) demo
+
+test: deps ## run every test (each test starts its own redis-server)
+	$(CARGO) test --locked --workspace
+
+lint: ## rustfmt check, clippy with warnings denied, and the deploy files' validators
+	$(CARGO) fmt --all --check
+	$(CARGO) clippy --locked --all-targets --workspace -- -D warnings
+	scripts/lint-deploy.sh
+
+api-fuzz: ## property-based test of the HTTP API against its OpenAPI document (schemathesis)
+	scripts/schemathesis.sh
+
+fmt: ## format the code
+	$(CARGO) fmt --all
+
+bench: build ## measure: report scheduling, shared budget, queue and budget-script benchmarks
+	@scripts/install-deps.sh --demo
+	$(BIN) bench
+	$(CARGO) run --release --locked -p fanout-queue --example queue_bench
+	$(CARGO) run --release --locked -p fanout-ratelimit --example budget_bench
+
+.PHONY: bench-bullmq
+bench-bullmq: ## queue_bench and BullMQ side by side on one private redis-server (needs node + npm)
+	@scripts/install-deps.sh --demo
+	bench/bullmq/run.sh 50000 64
+
+sim: build ## run the simulated provider on 127.0.0.1:8089
+	$(BIN) sim --listen 127.0.0.1:8089
+
+clean: ## remove build output
+	$(CARGO) clean

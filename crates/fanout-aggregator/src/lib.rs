@@ -1,0 +1,19 @@
+#![doc = include_str!("../README.md")]
+
+mod aggregator;
+mod assemble;
+mod error;
+mod keys;
+mod scripts;
+mod store;
+mod view;
+
+pub use aggregator::{AggregatorOptions, GROUP, OnFinished, run};
+pub use assemble::{render_json, render_markdown};
+pub use error::{Error, Result};
+pub use keys::{Keys, ReportKeys};
+pub use store::{
+    Created, EVENTS_MAXLEN, Format, JobContext, NOTIFY_MAXLEN, NewReport, Released, ReportEvent,
+    SectionResult, StartOutcome, Store,
+};
+pub use view::{ReportView, SectionView, Totals};

@@ -1,0 +1,32 @@
+//! The Lua scripts, each prefixed with the shared prelude `lua/lib.lua`.
+
+use redis::Script;
+
+const LIB: &str = include_str!("../lua/lib.lua");
+
+#[derive(Debug)]
+pub(crate) struct Scripts {
+    pub(crate) create: Script,
+    pub(crate) start: Script,
+    pub(crate) complete: Script,
+    pub(crate) fail: Script,
+    pub(crate) released: Script,
+    pub(crate) cancel: Script,
+}
+
+fn with_lib(body: &str) -> Script {
+    Script::new(&format!("{LIB}\n{body}"))
+}
+
+impl Scripts {
+    pub(crate) fn load() -> Self {
+        Self {
+            create: with_lib(include_str!("../lua/create.lua")),
+            start: with_lib(include_str!("../lua/start.lua")),
+            complete: with_lib(include_str!("../lua/complete.lua")),
+            fail: with_lib(include_str!("../lua/fail.lua")),
+            released: with_lib(include_str!("../lua/released.lua")),
+            cancel: with_lib(include_str!("../lua/cancel.lua")),
+        }
+    }
+}

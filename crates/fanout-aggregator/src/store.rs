@@ -1,0 +1,769 @@
+//! The report store: a report's record, its jobs' states and dependency counters, results and
+//! events in Redis. Every transition is one idempotent script (see `lua/`).
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use deadpool_redis::Pool;
+use fanout_core::redis::SharedConnection;
+use fanout_core::{
+    Config, DepOutput, DependencyFailure, JobGraph, JobNode, Lane, ReportStatus, SectionState,
+    Template,
+};
+use redis::streams::{StreamId, StreamRangeReply, StreamReadReply};
+use redis::{Script, ScriptInvocation};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use utoipa::ToSchema;
+
+use crate::assemble::{render_json, render_markdown};
+use crate::error::{Error, Result};
+use crate::keys::Keys;
+use crate::scripts::Scripts;
+use crate::view::{self, LayoutEntry, META_FIELDS, RawReport, ReportView};
+
+/// Approximate cap of one report's event stream.
+pub const EVENTS_MAXLEN: usize = 10_000;
+/// Approximate cap of the notification stream (acknowledged entries are deleted anyway).
+pub const NOTIFY_MAXLEN: usize = 100_000;
+
+/// A report to create.
+#[derive(Debug, Clone)]
+pub struct NewReport {
+    pub tenant: String,
+    /// Snapshot of the template: the report keeps running with it even if the file changes.
+    pub template: Template,
+    pub inputs: Value,
+    /// `template.job_graph(&inputs)`.
+    pub graph: JobGraph,
+    /// `interactive` or `batch`.
+    pub lane: String,
+    /// A repeated create with the same tenant and key returns the first report (for the TTL
+    /// of reports).
+    pub idempotency_key: Option<String>,
+    pub callback_url: Option<String>,
+}
+
+/// What `create` did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Created {
+    pub report_id: String,
+    /// The idempotency key was known: nothing was written, `report_id` is the first report.
+    pub duplicate: bool,
+    /// Jobs to enqueue: those without dependencies, or for a duplicate, the jobs that are
+    /// ready and not started yet (enqueueing again is harmless: the queue deduplicates).
+    pub ready: Vec<JobNode>,
+}
+
+/// Whether a worker should run the job it claimed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StartOutcome {
+    Run,
+    /// The job is terminal already (a redelivery after a crash): ack it, and enqueue what
+    /// [`Store::released`] returns.
+    AlreadyDone,
+    /// The report was cancelled: ack and drop.
+    Cancelled,
+    /// The report is unknown or expired: ack and drop.
+    Missing,
+}
+
+/// The outcome of one successful section call.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SectionResult {
+    pub text: String,
+    pub model: String,
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+    pub cost: f64,
+    pub latency_ms: u64,
+    pub attempts: u32,
+    pub cached: bool,
+}
+
+/// What a `complete` or `fail` released.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Released {
+    /// Dependents that are ready now and not started yet. A repeated call returns them again,
+    /// so a worker that crashed before enqueueing them can enqueue them (idempotently).
+    pub ready: Vec<JobNode>,
+    /// The report is finished (this call or an earlier one finished it).
+    pub report_finished: bool,
+}
+
+/// Everything a worker needs to render a job's prompt.
+#[derive(Debug, Clone)]
+pub struct JobContext {
+    pub template: Template,
+    pub inputs: Value,
+    pub node: JobNode,
+    /// Output of each dependency section, by section id.
+    pub deps: BTreeMap<String, DepOutput>,
+    pub state: SectionState,
+    pub lane: Lane,
+}
+
+/// One entry of a report's event stream; over the API, the `data` of an SSE event whose
+/// `event` is the kind and whose `id` is the stream id.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct ReportEvent {
+    /// Stream id; pass it as `after` to read what came next (over the API: send it back as
+    /// `Last-Event-ID` or `?after=`).
+    #[schema(example = "1718000000000-0")]
+    pub id: String,
+    /// `report.created`, `section.ready`, `section.started`, `section.completed`,
+    /// `section.failed`, `section.skipped`, `section.cancelled`, `report.finished`.
+    pub kind: String,
+    pub job_id: Option<String>,
+    /// The section state, or the report status for `report.*` events.
+    pub state: Option<String>,
+    pub message: String,
+    /// Milliseconds since the Unix epoch (Redis clock).
+    pub ts: u64,
+}
+
+/// An assembled report document.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    Markdown,
+    Json,
+}
+
+/// Handle on the report store; cheap to clone.
+#[derive(Clone)]
+pub struct Store {
+    shared: SharedConnection,
+    keys: Keys,
+    ttl_secs: u64,
+    scripts: Arc<Scripts>,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store")
+            .field("namespace", &self.keys.namespace())
+            .field("ttl_secs", &self.ttl_secs)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Store {
+    /// `ttl`: how long a report's keys live after it finished (or after it was created, if
+    /// it never finishes); `reports.ttl_secs` in the config.
+    pub fn new(pool: Pool, namespace: &str, ttl: Duration) -> Self {
+        Self {
+            shared: SharedConnection::new(pool),
+            keys: Keys::new(namespace),
+            ttl_secs: ttl.as_secs().max(1),
+            scripts: Arc::new(Scripts::load()),
+        }
+    }
+
+    /// A store with the namespace and report TTL of `config`.
+    pub fn from_config(pool: Pool, config: &Config) -> Self {
+        Self::new(
+            pool,
+            &config.redis.namespace,
+            Duration::from_secs(config.reports.ttl_secs),
+        )
+    }
+
+    pub fn keys(&self) -> &Keys {
+        &self.keys
+    }
+
+    pub fn ttl(&self) -> Duration {
+        Duration::from_secs(self.ttl_secs)
+    }
+
+    pub(crate) fn pool(&self) -> &Pool {
+        self.shared.pool()
+    }
+
+    async fn conn(&self) -> Result<redis::aio::MultiplexedConnection> {
+        Ok(self.shared.get().await?)
+    }
+
+    /// A connection-level error retires the shared connection (the next call opens a new one).
+    fn broken(&self, e: redis::RedisError) -> Error {
+        self.shared.check(&e);
+        Error::Redis(e)
+    }
+
+    /// A script invocation with the standard KEYS and leading ARGV (see `lua/lib.lua`).
+    fn invocation<'a>(&self, script: &'a Script, report_id: &str) -> ScriptInvocation<'a> {
+        let mut inv = script.prepare_invoke();
+        for key in self.keys.report(report_id).script_keys() {
+            inv.key(key);
+        }
+        inv.key(self.keys.notifications());
+        inv.arg(self.ttl_secs)
+            .arg(EVENTS_MAXLEN)
+            .arg(NOTIFY_MAXLEN)
+            .arg(report_id);
+        inv
+    }
+
+    /// Create a report (one script): idempotency check, record, job states, dependency
+    /// counters, dependents index and the `report.created` event. Returns the jobs to enqueue.
+    pub async fn create(&self, r: NewReport) -> Result<Created> {
+        check_graph(&r)?;
+        if Lane::parse(&r.lane).is_none() {
+            return Err(Error::InvalidReport(format!(
+                "lane `{}` is not one of: interactive, batch",
+                r.lane
+            )));
+        }
+        let report_id = uuid::Uuid::now_v7().to_string();
+        let template_json = to_json(&r.template);
+        let inputs_json = to_json(&r.inputs);
+        let layout = to_json(&view::layout(&r.template, &r.inputs, &r.graph));
+
+        let mut meta: Vec<(&str, &str)> = vec![
+            ("tenant", &r.tenant),
+            ("name", &r.template.name),
+            ("title", &r.template.title),
+            ("template", &template_json),
+            ("inputs", &inputs_json),
+            ("lane", &r.lane),
+            ("layout", &layout),
+        ];
+        if let Some(url) = &r.callback_url {
+            meta.push(("callback_url", url));
+        }
+        if let Some(key) = &r.idempotency_key {
+            meta.push(("idempotency_key", key));
+        }
+
+        let mut dependents: HashMap<&str, Vec<&str>> = HashMap::new();
+        for node in &r.graph.jobs {
+            for dep in unique(&node.depends_on) {
+                dependents.entry(dep).or_default().push(&node.id);
+            }
+        }
+
+        let mut inv = self.invocation(&self.scripts.create, &report_id);
+        if let Some(key) = &r.idempotency_key {
+            inv.key(self.keys.idempotency(&r.tenant, key));
+        }
+        inv.arg(if r.idempotency_key.is_some() {
+            "1"
+        } else {
+            "0"
+        })
+        .arg(meta.len());
+        for (k, v) in &meta {
+            inv.arg(*k).arg(*v);
+        }
+        for node in &r.graph.jobs {
+            let spec = r.template.section(&node.section);
+            let mut flags = String::new();
+            if spec.is_none_or(|s| s.on_dependency_failure == DependencyFailure::Skip) {
+                flags.push('s');
+            }
+            if spec.is_some_and(|s| s.optional) {
+                flags.push('o');
+            }
+            let deps_json = dependents
+                .get(node.id.as_str())
+                .map(to_json)
+                .unwrap_or_default();
+            inv.arg(&node.id)
+                .arg(to_json(node))
+                .arg(unique(&node.depends_on).len())
+                .arg(deps_json)
+                .arg(flags);
+        }
+        let mut conn = self.conn().await?;
+        let reply: Vec<String> = inv
+            .invoke_async(&mut conn)
+            .await
+            .map_err(|e| self.broken(e))?;
+        drop(conn);
+        match reply.first().map(String::as_str) {
+            Some("created") => Ok(Created {
+                report_id,
+                duplicate: false,
+                ready: parse_nodes(&reply[2..], &reply[1])?,
+            }),
+            Some("duplicate") => {
+                let report_id = reply
+                    .get(1)
+                    .cloned()
+                    .ok_or_else(|| Error::corrupt("?", "duplicate without id"))?;
+                let ready = self.ready_jobs(&report_id).await?;
+                Ok(Created {
+                    report_id,
+                    duplicate: true,
+                    ready,
+                })
+            }
+            _ => Err(Error::corrupt(
+                &report_id,
+                format!("create replied {reply:?}"),
+            )),
+        }
+    }
+
+    /// The jobs that are ready and not started yet.
+    async fn ready_jobs(&self, report_id: &str) -> Result<Vec<JobNode>> {
+        let keys = self.keys.report(report_id);
+        let mut conn = self.conn().await?;
+        let states: HashMap<String, String> = redis::cmd("HGETALL")
+            .arg(keys.state())
+            .query_async(&mut conn)
+            .await
+            .map_err(|e| self.broken(e))?;
+        let ids: Vec<&String> = states
+            .iter()
+            .filter(|(_, s)| s.as_str() == "ready")
+            .map(|(id, _)| id)
+            .collect();
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let nodes: Vec<Option<String>> = redis::cmd("HMGET")
+            .arg(keys.nodes())
+            .arg(&ids)
+            .query_async(&mut conn)
+            .await
+            .map_err(|e| self.broken(e))?;
+        let mut nodes = parse_nodes(&nodes.into_iter().flatten().collect::<Vec<_>>(), report_id)?;
+        nodes.sort_by(|a, b| b.priority.cmp(&a.priority).then(a.id.cmp(&b.id)));
+        Ok(nodes)
+    }
+
+    /// Template, inputs, node and dependency outputs of a job: what rendering its prompt
+    /// needs. `Err(ReportNotFound)` when the report is unknown or expired.
+    pub async fn job_context(&self, report_id: &str, job_id: &str) -> Result<JobContext> {
+        let keys = self.keys.report(report_id);
+        let mut conn = self.conn().await?;
+        let (meta, node, state): (Vec<Option<String>>, Option<String>, Option<String>) =
+            redis::pipe()
+                .cmd("HMGET")
+                .arg(keys.meta())
+                .arg(&["template", "inputs", "layout", "lane"])
+                .cmd("HGET")
+                .arg(keys.nodes())
+                .arg(job_id)
+                .cmd("HGET")
+                .arg(keys.state())
+                .arg(job_id)
+                .query_async(&mut conn)
+                .await
+                .map_err(|e| self.broken(e))?;
+        let mut meta = meta.into_iter();
+        let (Some(Some(template)), Some(Some(inputs)), Some(Some(layout)), Some(lane)) =
+            (meta.next(), meta.next(), meta.next(), meta.next())
+        else {
+            return Err(Error::ReportNotFound {
+                report: report_id.to_owned(),
+            });
+        };
+        let (Some(node), Some(state)) = (node, state) else {
+            return Err(Error::UnknownJob {
+                report: report_id.to_owned(),
+                job: job_id.to_owned(),
+            });
+        };
+        let corrupt =
+            |what: &str, e: serde_json::Error| Error::corrupt(report_id, format!("{what}: {e}"));
+        let template: Template =
+            serde_json::from_str(&template).map_err(|e| corrupt("template", e))?;
+        let inputs: Value = serde_json::from_str(&inputs).map_err(|e| corrupt("inputs", e))?;
+        let layout: Vec<LayoutEntry> =
+            serde_json::from_str(&layout).map_err(|e| corrupt("layout", e))?;
+        let node: JobNode = serde_json::from_str(&node).map_err(|e| corrupt("node", e))?;
+        let state = SectionState::parse(&state)
+            .ok_or_else(|| Error::corrupt(report_id, format!("state `{state}`")))?;
+
+        // Every job of every section this one depends on, in item order.
+        let dep_sections: Vec<String> = match template.section(&node.section) {
+            Some(spec) => spec.depends_on.clone(),
+            None => {
+                let mut seen = Vec::new();
+                for d in &node.depends_on {
+                    if let Some(e) = layout.iter().find(|e| &e.id == d)
+                        && !seen.contains(&e.section)
+                    {
+                        seen.push(e.section.clone());
+                    }
+                }
+                seen
+            }
+        };
+        let mut dep_jobs: Vec<&LayoutEntry> = layout
+            .iter()
+            .filter(|e| dep_sections.contains(&e.section))
+            .collect();
+        dep_jobs.sort_by_key(|e| e.index);
+        let texts: Vec<Option<String>> = if dep_jobs.is_empty() {
+            Vec::new()
+        } else {
+            redis::cmd("HMGET")
+                .arg(keys.results())
+                .arg(dep_jobs.iter().map(|e| &e.id).collect::<Vec<_>>())
+                .query_async(&mut conn)
+                .await
+                .map_err(|e| self.broken(e))?
+        };
+        drop(conn);
+        let mut by_job: HashMap<&str, Option<String>> = HashMap::new();
+        for (e, raw) in dep_jobs.iter().zip(texts) {
+            let text = match raw {
+                Some(json) => Some(
+                    serde_json::from_str::<SectionResult>(&json)
+                        .map_err(|err| corrupt("result", err))?
+                        .text,
+                ),
+                None => None,
+            };
+            by_job.insert(e.id.as_str(), text);
+        }
+        let mut deps = BTreeMap::new();
+        for section in dep_sections {
+            let is_list = template
+                .section(&section)
+                .map(|s| s.for_each.is_some())
+                .unwrap_or_else(|| {
+                    dep_jobs
+                        .iter()
+                        .any(|e| e.section == section && e.index.is_some())
+                });
+            let mut outputs = dep_jobs
+                .iter()
+                .filter(|e| e.section == section)
+                .map(|e| by_job.get(e.id.as_str()).cloned().flatten());
+            let out = if is_list {
+                DepOutput::List(outputs.collect())
+            } else {
+                DepOutput::Text(outputs.next().flatten())
+            };
+            deps.insert(section, out);
+        }
+        Ok(JobContext {
+            template,
+            inputs,
+            node,
+            deps,
+            state,
+            lane: lane.and_then(|l| Lane::parse(&l)).unwrap_or_default(),
+        })
+    }
+
+    /// Mark a job running (first start time kept, starts counted), unless it is terminal, the
+    /// report is cancelled, or the report is unknown or expired.
+    pub async fn start(&self, report_id: &str, job_id: &str, attempt: u32) -> Result<StartOutcome> {
+        let mut inv = self.invocation(&self.scripts.start, report_id);
+        inv.arg(job_id).arg(attempt);
+        let mut conn = self.conn().await?;
+        let reply: String = inv
+            .invoke_async(&mut conn)
+            .await
+            .map_err(|e| self.broken(e))?;
+        match reply.as_str() {
+            "run" => Ok(StartOutcome::Run),
+            "already_done" => Ok(StartOutcome::AlreadyDone),
+            "cancelled" => Ok(StartOutcome::Cancelled),
+            "missing" => Ok(StartOutcome::Missing),
+            other => Err(Error::corrupt(
+                report_id,
+                format!("start replied `{other}`"),
+            )),
+        }
+    }
+
+    /// Store a job's result and release its dependents. Idempotent: the first result wins, a
+    /// repeated call writes nothing and returns the same ready dependents.
+    pub async fn complete(
+        &self,
+        report_id: &str,
+        job_id: &str,
+        result: SectionResult,
+    ) -> Result<Released> {
+        let message = format!(
+            "{} · {} tokens · {:.1} s{}",
+            result.model,
+            result.prompt_tokens + result.completion_tokens,
+            result.latency_ms as f64 / 1000.0,
+            if result.cached { " · cached" } else { "" }
+        );
+        let mut inv = self.invocation(&self.scripts.complete, report_id);
+        inv.arg(job_id).arg(to_json(&result)).arg(message);
+        self.released_reply(inv, report_id, job_id).await
+    }
+
+    /// Mark a job failed for good. Dependents with `on_dependency_failure = "skip"` are
+    /// skipped (transitively); `continue` ones are released when ready. Idempotent like
+    /// [`Store::complete`]; a job that is already terminal keeps its state.
+    pub async fn fail(&self, report_id: &str, job_id: &str, reason: &str) -> Result<Released> {
+        let mut inv = self.invocation(&self.scripts.fail, report_id);
+        inv.arg(job_id).arg(reason);
+        self.released_reply(inv, report_id, job_id).await
+    }
+
+    /// What a terminal job released (read-only): for a worker whose `start` said
+    /// `AlreadyDone`, because it may have crashed before enqueueing them. A job that is not
+    /// terminal released nothing.
+    pub async fn released(&self, report_id: &str, job_id: &str) -> Result<Released> {
+        let mut inv = self.invocation(&self.scripts.released, report_id);
+        inv.arg(job_id);
+        self.released_reply(inv, report_id, job_id).await
+    }
+
+    async fn released_reply(
+        &self,
+        inv: ScriptInvocation<'_>,
+        report_id: &str,
+        job_id: &str,
+    ) -> Result<Released> {
+        let mut conn = self.conn().await?;
+        let reply: Vec<String> = inv
+            .invoke_async(&mut conn)
+            .await
+            .map_err(|e| self.broken(e))?;
+        drop(conn);
+        match reply.first().map(String::as_str) {
+            Some("ok") => Ok(Released {
+                report_finished: reply.get(1).is_some_and(|s| s != "running"),
+                ready: parse_nodes(&reply[2..], report_id)?,
+            }),
+            Some("not_terminal") => Ok(Released {
+                ready: Vec::new(),
+                report_finished: reply.get(1).is_some_and(|s| s != "running"),
+            }),
+            Some("missing") => Err(Error::ReportNotFound {
+                report: report_id.to_owned(),
+            }),
+            Some("unknown_job") => Err(Error::UnknownJob {
+                report: report_id.to_owned(),
+                job: job_id.to_owned(),
+            }),
+            _ => Err(Error::corrupt(
+                report_id,
+                format!("script replied {reply:?}"),
+            )),
+        }
+    }
+
+    /// Cancel a running report: every job that is not terminal is cancelled and the report's
+    /// status becomes `cancelled`. Returns the job ids (not queue ids) the queue may still
+    /// hold (ready or running when cancelled), to drop. Idempotent: a repeat returns the same
+    /// ids; on a report that finished on its own it returns none.
+    pub async fn cancel(&self, report_id: &str) -> Result<Vec<String>> {
+        let mut inv = self.invocation(&self.scripts.cancel, report_id);
+        inv.arg("cancelled by request");
+        let mut conn = self.conn().await?;
+        let reply: Vec<String> = inv
+            .invoke_async(&mut conn)
+            .await
+            .map_err(|e| self.broken(e))?;
+        drop(conn);
+        let ids = match reply.first().map(String::as_str) {
+            Some("cancelled") => reply.get(1),
+            Some("finished") => reply.get(2),
+            Some("missing") => {
+                return Err(Error::ReportNotFound {
+                    report: report_id.to_owned(),
+                });
+            }
+            _ => None,
+        }
+        .ok_or_else(|| Error::corrupt(report_id, format!("cancel replied {reply:?}")))?;
+        serde_json::from_str(ids)
+            .map_err(|e| Error::corrupt(report_id, format!("cancelled ids: {e}")))
+    }
+
+    /// The report as it stands, or `None` if it is unknown or expired. One round trip.
+    pub async fn view(&self, report_id: &str) -> Result<Option<ReportView>> {
+        let keys = self.keys.report(report_id);
+        let mut conn = self.conn().await?;
+        let (meta, state, results, info) = redis::pipe()
+            .cmd("HMGET")
+            .arg(keys.meta())
+            .arg(&META_FIELDS)
+            .cmd("HGETALL")
+            .arg(keys.state())
+            .cmd("HGETALL")
+            .arg(keys.results())
+            .cmd("HGETALL")
+            .arg(keys.info())
+            .query_async(&mut conn)
+            .await
+            .map_err(|e| self.broken(e))?;
+        drop(conn);
+        view::build(
+            report_id,
+            RawReport {
+                meta,
+                state,
+                results,
+                info,
+            },
+            now_ms(),
+        )
+    }
+
+    /// The report's status, or `None` if it is unknown or expired.
+    pub async fn status(&self, report_id: &str) -> Result<Option<ReportStatus>> {
+        let mut conn = self.conn().await?;
+        let status: Option<String> = redis::cmd("HGET")
+            .arg(self.keys.report(report_id).meta())
+            .arg("status")
+            .query_async(&mut conn)
+            .await
+            .map_err(|e| self.broken(e))?;
+        Ok(status.and_then(|s| ReportStatus::parse(&s)))
+    }
+
+    /// Events after `after` (a stream id; `None` = from the start), at most `count`. With
+    /// `block`, waits up to that long for the next event when there is none yet (on a
+    /// connection of its own). `Err(ReportNotFound)` for an unknown or expired report.
+    pub async fn events(
+        &self,
+        report_id: &str,
+        after: Option<&str>,
+        block: Option<Duration>,
+        count: usize,
+    ) -> Result<Vec<ReportEvent>> {
+        let keys = self.keys.report(report_id);
+        let start = after.map_or_else(|| "-".to_owned(), |id| format!("({id}"));
+        let count = count.max(1);
+        let mut conn = self.conn().await?;
+        let (range, exists): (StreamRangeReply, bool) = redis::pipe()
+            .cmd("XRANGE")
+            .arg(keys.events())
+            .arg(&start)
+            .arg("+")
+            .arg("COUNT")
+            .arg(count)
+            .cmd("EXISTS")
+            .arg(keys.meta())
+            .query_async(&mut conn)
+            .await
+            .map_err(|e| self.broken(e))?;
+        if !range.ids.is_empty() {
+            return Ok(range.ids.iter().map(parse_event).collect());
+        }
+        if !exists {
+            return Err(Error::ReportNotFound {
+                report: report_id.to_owned(),
+            });
+        }
+        let Some(block) = block.filter(|b| !b.is_zero()) else {
+            return Ok(Vec::new());
+        };
+        // A blocking read gets a connection of its own, taken out of the pool (the pool's
+        // response timeout would cut the block short, and nobody else may queue behind it).
+        let mut own = deadpool_redis::Connection::take(self.pool().get().await?);
+        own.set_response_timeout(block + Duration::from_secs(5));
+        let reply: Option<StreamReadReply> = redis::cmd("XREAD")
+            .arg("COUNT")
+            .arg(count)
+            .arg("BLOCK")
+            .arg(block.as_millis() as u64)
+            .arg("STREAMS")
+            .arg(keys.events())
+            .arg(after.unwrap_or("0-0"))
+            .query_async(&mut own)
+            .await?;
+        Ok(reply
+            .into_iter()
+            .flat_map(|r| r.keys)
+            .flat_map(|k| k.ids)
+            .map(|id| parse_event(&id))
+            .collect())
+    }
+
+    /// The assembled document: the one the aggregator stored for a finished report, or one
+    /// assembled now (a running report, or no aggregator got to it yet). `None` for an
+    /// unknown or expired report.
+    pub async fn document(&self, report_id: &str, format: Format) -> Result<Option<String>> {
+        let keys = self.keys.report(report_id);
+        let key = match format {
+            Format::Markdown => keys.doc_markdown(),
+            Format::Json => keys.doc_json(),
+        };
+        let mut conn = self.conn().await?;
+        let stored: Option<String> = redis::cmd("GET")
+            .arg(key)
+            .query_async(&mut conn)
+            .await
+            .map_err(|e| self.broken(e))?;
+        drop(conn);
+        if stored.is_some() {
+            return Ok(stored);
+        }
+        Ok(self.view(report_id).await?.map(|v| match format {
+            Format::Markdown => render_markdown(&v),
+            Format::Json => render_json(&v).to_string(),
+        }))
+    }
+}
+
+fn check_graph(r: &NewReport) -> Result<()> {
+    let invalid = |m: String| Err(Error::InvalidReport(m));
+    if r.graph.jobs.is_empty() {
+        return invalid("the job graph has no jobs".into());
+    }
+    let mut ids = HashSet::new();
+    for node in &r.graph.jobs {
+        if node.id.is_empty() || node.id.contains('|') {
+            return invalid(format!("job id `{}` is empty or contains `|`", node.id));
+        }
+        if !ids.insert(node.id.as_str()) {
+            return invalid(format!("job `{}` appears twice", node.id));
+        }
+    }
+    for node in &r.graph.jobs {
+        for dep in &node.depends_on {
+            if dep == &node.id || !ids.contains(dep.as_str()) {
+                return invalid(format!("job `{}` depends on unknown job `{dep}`", node.id));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn unique(ids: &[String]) -> Vec<&str> {
+    let mut out: Vec<&str> = Vec::with_capacity(ids.len());
+    for id in ids {
+        if !out.contains(&id.as_str()) {
+            out.push(id);
+        }
+    }
+    out
+}
+
+fn to_json<T: Serialize + ?Sized>(v: &T) -> String {
+    serde_json::to_string(v).expect("plain data serializes")
+}
+
+fn parse_nodes(raw: &[String], report_id: &str) -> Result<Vec<JobNode>> {
+    raw.iter()
+        .map(|s| {
+            serde_json::from_str(s).map_err(|e| Error::corrupt(report_id, format!("node: {e}")))
+        })
+        .collect()
+}
+
+fn parse_event(entry: &StreamId) -> ReportEvent {
+    let field = |name: &str| entry.get::<String>(name);
+    let non_empty = |v: Option<String>| v.filter(|s| !s.is_empty());
+    ReportEvent {
+        id: entry.id.clone(),
+        kind: field("kind").unwrap_or_default(),
+        job_id: non_empty(field("job_id")),
+        state: non_empty(field("state")),
+        message: field("message").unwrap_or_default(),
+        ts: field("ts").and_then(|v| v.parse().ok()).unwrap_or(0),
+    }
+}
+
+pub(crate) fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}

@@ -1,0 +1,597 @@
+//! The report store against a real Redis: creation, the dependency bookkeeping, idempotency,
+//! failure propagation, final status, cancel, events and TTLs.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use fanout_aggregator::{Error, Format, StartOutcome, render_markdown};
+use fanout_core::{DepOutput, ReportStatus, SectionState};
+use redis::Commands;
+use serde_json::json;
+
+#[tokio::test]
+async fn create_returns_the_roots_and_records_the_report() {
+    let env = env();
+    let created = env.store.create(diamond()).await.unwrap();
+    assert!(!created.duplicate);
+    assert_eq!(ids(&created.ready), ["a", "b"]);
+    let id = uuid::Uuid::parse_str(&created.report_id).unwrap();
+    assert_eq!(id.get_version_num(), 7, "report ids are UUIDv7");
+
+    let view = env.store.view(&created.report_id).await.unwrap().unwrap();
+    assert_eq!(view.status, ReportStatus::Running);
+    assert_eq!(view.tenant, "acme");
+    assert_eq!(view.template, "diamond");
+    assert_eq!(view.title, "Diamond report");
+    let order: Vec<_> = view.sections.iter().map(|s| s.job_id.as_str()).collect();
+    assert_eq!(order, ["a", "b", "c", "d", "e"]);
+    let states: Vec<_> = view.sections.iter().map(|s| s.state).collect();
+    use SectionState::*;
+    assert_eq!(states, [Ready, Ready, Pending, Pending, Pending]);
+    assert_eq!(view.totals.sections, 5);
+    assert_eq!(view.totals.in_progress, 5);
+
+    let events = env
+        .store
+        .events(&created.report_id, None, None, 100)
+        .await
+        .unwrap();
+    assert_eq!(events.len(), 1);
+    assert_eq!(events[0].kind, "report.created");
+
+    assert!(env.store.view("no-such-report").await.unwrap().is_none());
+}
+
+#[tokio::test]
+async fn invalid_reports_write_nothing() {
+    let env = env();
+    let mut r = diamond();
+    r.graph.jobs[2].depends_on.push("ghost".into());
+    assert!(matches!(
+        env.store.create(r).await,
+        Err(Error::InvalidReport(_))
+    ));
+    let mut r = diamond();
+    r.lane = "fast".into();
+    assert!(matches!(
+        env.store.create(r).await,
+        Err(Error::InvalidReport(_))
+    ));
+    let mut c = env.redis.client().get_connection().unwrap();
+    let keys: Vec<String> = c.keys("*").unwrap();
+    assert!(keys.is_empty(), "{keys:?}");
+}
+
+#[tokio::test]
+async fn idempotency_key_returns_the_first_report() {
+    let env = env();
+    let mut r = diamond();
+    r.idempotency_key = Some("req-1".into());
+    let first = env.store.create(r.clone()).await.unwrap();
+    let second = env.store.create(r.clone()).await.unwrap();
+    assert!(second.duplicate);
+    assert_eq!(second.report_id, first.report_id);
+    // Nothing started yet: the duplicate hands back the ready roots to enqueue again.
+    assert_eq!(ids(&second.ready), ["a", "b"]);
+
+    env.store
+        .complete(&first.report_id, "a", result("A"))
+        .await
+        .unwrap();
+    let third = env.store.create(r.clone()).await.unwrap();
+    assert_eq!(ids(&third.ready), ["b"]);
+
+    // Another tenant with the same key gets its own report.
+    r.tenant = "globex".into();
+    let other = env.store.create(r).await.unwrap();
+    assert!(!other.duplicate);
+    assert_ne!(other.report_id, first.report_id);
+
+    let mut c = env.redis.client().get_connection().unwrap();
+    let ttl: i64 = c
+        .ttl(env.store.keys().idempotency("acme", "req-1"))
+        .unwrap();
+    assert!(
+        ttl > 0 && ttl <= 3600,
+        "idempotency key has the report TTL: {ttl}"
+    );
+}
+
+#[tokio::test]
+async fn complete_releases_a_dependent_only_when_all_its_inputs_are_done() {
+    let env = env();
+    let r = env.store.create(diamond()).await.unwrap().report_id;
+    let after_a = env.store.complete(&r, "a", result("A")).await.unwrap();
+    assert!(after_a.ready.is_empty());
+    assert!(!after_a.report_finished);
+    let after_b = env.store.complete(&r, "b", result("B")).await.unwrap();
+    assert_eq!(ids(&after_b.ready), ["c"]);
+    assert_eq!(after_b.ready[0].depends_on, ["a", "b"]);
+
+    let ctx = env.store.job_context(&r, "c").await.unwrap();
+    assert_eq!(ctx.state, SectionState::Ready);
+    assert_eq!(ctx.deps["a"], DepOutput::Text(Some("A".into())));
+    assert_eq!(ctx.deps["b"], DepOutput::Text(Some("B".into())));
+    assert_eq!(ctx.inputs, json!({"idea": "a tea shop"}));
+    assert_eq!(ctx.template.name, "diamond");
+
+    let after_c = env.store.complete(&r, "c", result("C")).await.unwrap();
+    assert_eq!(ids(&after_c.ready), ["d", "e"]);
+}
+
+#[tokio::test]
+async fn complete_twice_is_idempotent() {
+    let env = env();
+    let r = env.store.create(diamond()).await.unwrap().report_id;
+    env.store.complete(&r, "a", result("A")).await.unwrap();
+    let first = env.store.complete(&r, "b", result("first")).await.unwrap();
+    let events_before = env.store.events(&r, None, None, 1000).await.unwrap().len();
+
+    // A worker that crashed before acking runs the call again, with another result.
+    let repeat = env.store.complete(&r, "b", result("second")).await.unwrap();
+    assert_eq!(repeat, first, "the repeat returns the same ready set");
+    assert_eq!(ids(&repeat.ready), ["c"]);
+
+    let view = env.store.view(&r).await.unwrap().unwrap();
+    assert_eq!(view.section("b").unwrap().text.as_deref(), Some("first"));
+    let events_after = env.store.events(&r, None, None, 1000).await.unwrap().len();
+    assert_eq!(events_after, events_before, "a repeat appends no event");
+
+    let mut c = env.redis.client().get_connection().unwrap();
+    let remaining: i64 = c
+        .hget(env.store.keys().report(&r).remaining(), "c")
+        .unwrap();
+    assert_eq!(remaining, 0, "c's counter was decremented once per input");
+
+    // Once c started, it is no longer handed out.
+    assert_eq!(
+        env.store.start(&r, "c", 1).await.unwrap(),
+        StartOutcome::Run
+    );
+    let again = env.store.complete(&r, "b", result("third")).await.unwrap();
+    assert!(again.ready.is_empty());
+
+    // `released` gives a redelivered, already-done job the same answer as `complete`.
+    assert_eq!(
+        env.store.start(&r, "a", 2).await.unwrap(),
+        StartOutcome::AlreadyDone
+    );
+    assert!(env.store.released(&r, "a").await.unwrap().ready.is_empty());
+}
+
+#[tokio::test]
+async fn start_marks_running_keeps_the_first_start_and_counts_attempts() {
+    let env = env();
+    let r = env.store.create(diamond()).await.unwrap().report_id;
+    assert_eq!(
+        env.store.start(&r, "a", 1).await.unwrap(),
+        StartOutcome::Run
+    );
+    let first = env.store.view(&r).await.unwrap().unwrap();
+    let a = first.section("a").unwrap();
+    assert_eq!(a.state, SectionState::Running);
+    let started = a.started_at.unwrap();
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    assert_eq!(
+        env.store.start(&r, "a", 2).await.unwrap(),
+        StartOutcome::Run
+    );
+    let view = env.store.view(&r).await.unwrap().unwrap();
+    let a = view.section("a").unwrap();
+    assert_eq!(a.started_at, Some(started));
+    assert_eq!(a.attempts, 2);
+
+    assert_eq!(
+        env.store.start("nope", "a", 1).await.unwrap(),
+        StartOutcome::Missing
+    );
+    assert_eq!(
+        env.store.start(&r, "zzz", 1).await.unwrap(),
+        StartOutcome::Missing
+    );
+    assert!(matches!(
+        env.store.complete("nope", "a", result("x")).await,
+        Err(Error::ReportNotFound { .. })
+    ));
+    assert!(matches!(
+        env.store.complete(&r, "zzz", result("x")).await,
+        Err(Error::UnknownJob { .. })
+    ));
+}
+
+#[tokio::test]
+async fn fail_skips_skip_dependents_transitively_and_releases_continue_ones() {
+    let env = env();
+    let r = env
+        .store
+        .create(new_report(CHAIN, json!({})))
+        .await
+        .unwrap()
+        .report_id;
+    let released = env
+        .store
+        .fail(&r, "root", "provider said 400")
+        .await
+        .unwrap();
+    assert_eq!(ids(&released.ready), ["side"]);
+    assert!(!released.report_finished);
+    // Same answer on a repeat, and a late result does not overwrite the failure.
+    assert_eq!(env.store.fail(&r, "root", "again").await.unwrap(), released);
+    assert_eq!(
+        env.store
+            .complete(&r, "root", result("late"))
+            .await
+            .unwrap(),
+        released
+    );
+
+    let view = env.store.view(&r).await.unwrap().unwrap();
+    let root = view.section("root").unwrap();
+    assert_eq!(root.state, SectionState::Failed);
+    assert_eq!(root.reason.as_deref(), Some("provider said 400"));
+    assert!(root.text.is_none());
+    let mid = view.section("mid").unwrap();
+    assert_eq!(mid.state, SectionState::Skipped);
+    assert_eq!(mid.reason.as_deref(), Some("dependency `root` failed"));
+    let leaf = view.section("leaf").unwrap();
+    assert_eq!(leaf.state, SectionState::Skipped);
+    assert_eq!(leaf.reason.as_deref(), Some("dependency `mid` was skipped"));
+    assert_eq!(view.section("side").unwrap().state, SectionState::Ready);
+
+    let ctx = env.store.job_context(&r, "side").await.unwrap();
+    assert_eq!(ctx.deps["root"], DepOutput::Text(None));
+
+    let kinds: Vec<_> = env
+        .store
+        .events(&r, None, None, 100)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| (e.kind, e.job_id.unwrap_or_default()))
+        .collect();
+    assert!(kinds.contains(&("section.failed".into(), "root".into())));
+    assert!(kinds.contains(&("section.skipped".into(), "mid".into())));
+    assert!(kinds.contains(&("section.skipped".into(), "leaf".into())));
+
+    let last = env.store.complete(&r, "side", result("S")).await.unwrap();
+    assert!(last.report_finished);
+    let view = env.store.view(&r).await.unwrap().unwrap();
+    assert_eq!(view.status, ReportStatus::CompletedWithFailures);
+}
+
+#[tokio::test]
+async fn for_each_summary_waits_for_every_item_and_keeps_input_order() {
+    let env = env();
+    let names = ["Zoe", "Adam", "Marta, tasca owner"];
+    let created = env.store.create(panel(&names)).await.unwrap();
+    let r = created.report_id;
+    assert_eq!(
+        ids(&created.ready),
+        ["intro", "persona[0]", "persona[1]", "persona[2]"]
+    );
+
+    // Items finish out of order; the summary waits for all of them.
+    assert!(
+        env.store
+            .complete(&r, "persona[2]", result("third"))
+            .await
+            .unwrap()
+            .ready
+            .is_empty()
+    );
+    assert!(
+        env.store
+            .complete(&r, "persona[0]", result("first"))
+            .await
+            .unwrap()
+            .ready
+            .is_empty()
+    );
+    let released = env.store.fail(&r, "persona[1]", "timeout").await.unwrap();
+    assert_eq!(ids(&released.ready), ["summary"]);
+
+    let ctx = env.store.job_context(&r, "summary").await.unwrap();
+    assert_eq!(
+        ctx.deps["persona"],
+        DepOutput::List(vec![Some("first".into()), None, Some("third".into())])
+    );
+
+    env.store
+        .complete(&r, "summary", result("consensus"))
+        .await
+        .unwrap();
+    let done = env
+        .store
+        .complete(&r, "intro", result("hello"))
+        .await
+        .unwrap();
+    assert!(done.report_finished);
+
+    let view = env.store.view(&r).await.unwrap().unwrap();
+    let order: Vec<_> = view.sections.iter().map(|s| s.job_id.as_str()).collect();
+    assert_eq!(
+        order,
+        ["intro", "persona[0]", "persona[1]", "persona[2]", "summary"]
+    );
+    let items: Vec<_> = view
+        .sections
+        .iter()
+        .filter_map(|s| s.item.as_deref())
+        .collect();
+    assert_eq!(items, names);
+
+    let md = render_markdown(&view);
+    let pos = |s: &str| {
+        md.find(s)
+            .unwrap_or_else(|| panic!("`{s}` missing in:\n{md}"))
+    };
+    assert!(pos("## Introduction") < pos("## Persona critique"));
+    assert!(pos("### Zoe") < pos("### Adam"));
+    assert!(pos("### Adam") < pos("### Marta, tasca owner"));
+    assert!(pos("### Marta, tasca owner") < pos("## Panel summary"));
+    assert!(pos("### Adam") < pos("❌ failed: timeout"));
+    assert!(pos("❌ failed: timeout") < pos("### Marta"));
+}
+
+#[tokio::test]
+async fn final_status_follows_the_rules() {
+    let env = env();
+
+    // Every section done: completed.
+    let c = env.store.create(diamond()).await.unwrap();
+    run_all(&env.store, &c.report_id, c.ready).await;
+    assert_eq!(
+        env.store.status(&c.report_id).await.unwrap(),
+        Some(ReportStatus::Completed)
+    );
+
+    // Some failed or skipped, some done: completed_with_failures.
+    let c = env.store.create(diamond()).await.unwrap();
+    let r = c.report_id;
+    env.store.complete(&r, "a", result("A")).await.unwrap();
+    env.store.complete(&r, "b", result("B")).await.unwrap();
+    let rel = env.store.fail(&r, "c", "bad").await.unwrap();
+    assert_eq!(ids(&rel.ready), ["e"]);
+    let rel = env.store.complete(&r, "e", result("E")).await.unwrap();
+    assert!(rel.report_finished);
+    let view = env.store.view(&r).await.unwrap().unwrap();
+    assert_eq!(view.status, ReportStatus::CompletedWithFailures);
+    assert_eq!(
+        (view.totals.done, view.totals.failed, view.totals.skipped),
+        (3, 1, 1)
+    );
+    assert!(view.finished_at.is_some());
+
+    // Nothing done: failed.
+    let c = env
+        .store
+        .create(new_report(CHAIN, json!({})))
+        .await
+        .unwrap();
+    let r = c.report_id;
+    env.store.fail(&r, "root", "down").await.unwrap();
+    let rel = env.store.fail(&r, "side", "down").await.unwrap();
+    assert!(rel.report_finished);
+    assert_eq!(
+        env.store.status(&r).await.unwrap(),
+        Some(ReportStatus::Failed)
+    );
+
+    // Only an optional section failed: completed.
+    let c = env
+        .store
+        .create(new_report(OPTIONAL, json!({})))
+        .await
+        .unwrap();
+    let r = c.report_id;
+    env.store.complete(&r, "main", result("M")).await.unwrap();
+    env.store.fail(&r, "extra", "nope").await.unwrap();
+    assert_eq!(
+        env.store.status(&r).await.unwrap(),
+        Some(ReportStatus::Completed)
+    );
+
+    let events = env.store.events(&r, None, None, 100).await.unwrap();
+    let last = events.last().unwrap();
+    assert_eq!(last.kind, "report.finished");
+    assert_eq!(last.state.as_deref(), Some("completed"));
+}
+
+#[tokio::test]
+async fn cancel_stops_the_report_and_names_the_queued_jobs() {
+    let env = env();
+    let r = env.store.create(diamond()).await.unwrap().report_id;
+    assert_eq!(
+        env.store.start(&r, "a", 1).await.unwrap(),
+        StartOutcome::Run
+    );
+
+    let mut dropped = env.store.cancel(&r).await.unwrap();
+    dropped.sort();
+    assert_eq!(dropped, ["a", "b"], "ready and running jobs");
+    let mut again = env.store.cancel(&r).await.unwrap();
+    again.sort();
+    assert_eq!(again, dropped, "a repeated cancel answers the same");
+
+    let view = env.store.view(&r).await.unwrap().unwrap();
+    assert_eq!(view.status, ReportStatus::Cancelled);
+    assert!(
+        view.sections
+            .iter()
+            .all(|s| s.state == SectionState::Cancelled)
+    );
+    assert_eq!(view.totals.cancelled, 5);
+
+    assert_eq!(
+        env.store.start(&r, "b", 1).await.unwrap(),
+        StartOutcome::Cancelled
+    );
+    // The running call finishing later changes nothing.
+    let late = env.store.complete(&r, "a", result("late")).await.unwrap();
+    assert!(late.ready.is_empty());
+    assert!(late.report_finished);
+    let view = env.store.view(&r).await.unwrap().unwrap();
+    assert!(view.section("a").unwrap().text.is_none());
+
+    // The aggregators were notified.
+    let mut c = env.redis.client().get_connection().unwrap();
+    let len: usize = c.xlen(env.store.keys().notifications()).unwrap();
+    assert_eq!(len, 1);
+
+    // A finished report cannot be cancelled; an unknown one is an error.
+    let done = env.store.create(diamond()).await.unwrap();
+    run_all(&env.store, &done.report_id, done.ready).await;
+    assert!(env.store.cancel(&done.report_id).await.unwrap().is_empty());
+    assert_eq!(
+        env.store.status(&done.report_id).await.unwrap(),
+        Some(ReportStatus::Completed)
+    );
+    assert!(env.store.cancel("nope").await.unwrap_err().is_not_found());
+}
+
+#[tokio::test]
+async fn events_are_ordered_and_replayable_after_an_id() {
+    let env = env();
+    let c = env.store.create(diamond()).await.unwrap();
+    let r = c.report_id.clone();
+    env.store.start(&r, "a", 1).await.unwrap();
+    env.store.complete(&r, "a", result("A")).await.unwrap();
+    env.store.fail(&r, "b", "boom").await.unwrap();
+
+    let all = env.store.events(&r, None, None, 100).await.unwrap();
+    let kinds: Vec<_> = all.iter().map(|e| e.kind.as_str()).collect();
+    assert_eq!(
+        kinds,
+        [
+            "report.created",
+            "section.started",
+            "section.completed",
+            "section.failed",
+            "section.skipped", // c (skip), then d (skip); e continues
+            "section.skipped",
+            "section.ready",
+        ]
+    );
+    assert!(all.windows(2).all(|w| w[0].ts <= w[1].ts));
+    let failed = &all[3];
+    assert_eq!(failed.job_id.as_deref(), Some("b"));
+    assert_eq!(failed.state.as_deref(), Some("failed"));
+    assert_eq!(failed.message, "boom");
+
+    // Replay after an id, in pages.
+    let page = env
+        .store
+        .events(&r, Some(&all[1].id), None, 2)
+        .await
+        .unwrap();
+    assert_eq!(page, all[2..4].to_vec());
+    let rest = env
+        .store
+        .events(&r, Some(&page[1].id), None, 100)
+        .await
+        .unwrap();
+    assert_eq!(rest, all[4..].to_vec());
+    assert!(
+        env.store
+            .events(&r, Some(&all.last().unwrap().id), None, 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+
+    // A blocking read wakes up on the next event.
+    let last = all.last().unwrap().id.clone();
+    let store = env.store.clone();
+    let r2 = r.clone();
+    let waiter = tokio::spawn(async move {
+        let t = Instant::now();
+        let got = store
+            .events(&r2, Some(&last), Some(Duration::from_secs(10)), 10)
+            .await
+            .unwrap();
+        (got, t.elapsed())
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    env.store.complete(&r, "e", result("E")).await.unwrap();
+    let (got, waited) = waiter.await.unwrap();
+    assert_eq!(got[0].kind, "section.completed");
+    assert!(
+        waited < Duration::from_secs(5),
+        "woke on the event, not the timeout: {waited:?}"
+    );
+
+    // A blocking read with nothing new returns empty after the block.
+    let tail = env.store.events(&r, None, None, 1000).await.unwrap();
+    let quiet = env
+        .store
+        .events(
+            &r,
+            Some(&tail.last().unwrap().id),
+            Some(Duration::from_millis(100)),
+            10,
+        )
+        .await
+        .unwrap();
+    assert!(quiet.is_empty());
+    assert!(
+        env.store
+            .events("nope", None, None, 10)
+            .await
+            .unwrap_err()
+            .is_not_found()
+    );
+}
+
+#[tokio::test]
+async fn every_report_key_gets_the_ttl_when_the_report_finishes() {
+    let env = env_with_ttl(Duration::from_secs(120));
+    let c = env.store.create(diamond()).await.unwrap();
+    let r = c.report_id.clone();
+    run_all(&env.store, &r, c.ready).await;
+    assert_eq!(
+        env.store.status(&r).await.unwrap(),
+        Some(ReportStatus::Completed)
+    );
+
+    let keys = env.store.keys().report(&r);
+    let mut c = env.redis.client().get_connection().unwrap();
+    for key in [
+        keys.meta(),
+        keys.nodes(),
+        keys.state(),
+        keys.remaining(),
+        keys.dependents(),
+        keys.flags(),
+        keys.results(),
+        keys.info(),
+        keys.events(),
+    ] {
+        let ttl: i64 = c.ttl(&key).unwrap();
+        assert!(ttl > 0 && ttl <= 120, "{key}: ttl {ttl}");
+    }
+    let stored: Vec<String> = c.keys(format!("t:{{r:{r}}}:*")).unwrap();
+    for key in stored {
+        let ttl: i64 = c.ttl(&key).unwrap();
+        assert!(ttl > 0, "{key} has no TTL");
+    }
+    // No aggregator ran: the document is assembled on the fly.
+    let md = env
+        .store
+        .document(&r, Format::Markdown)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(md.starts_with("# Diamond report"));
+    let json = env.store.document(&r, Format::Json).await.unwrap().unwrap();
+    let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(v["status"], "completed");
+    assert!(
+        env.store
+            .document("nope", Format::Json)
+            .await
+            .unwrap()
+            .is_none()
+    );
+}

@@ -1,0 +1,270 @@
+//! `fanout`: the one binary. Thin by design: parse flags, load config, set up tracing, metrics
+//! and signals, then call the owning crate's `run`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use fanout_core::Config;
+use tokio_util::sync::CancellationToken;
+
+mod bench;
+mod demo;
+mod local_redis;
+mod ops;
+mod report_cmds;
+mod telemetry;
+
+/// Fanout: LLM report jobs on Redis, run by any number of workers under one shared provider
+/// budget.
+///
+/// Configuration: config/default.toml documents every key; `--config FILE` layers a file over
+/// it; `FANOUT_<SECTION>__<KEY>` variables and REDIS_URL, OPENAI_API_KEY, OPENAI_BASE_URL,
+/// REQUESTS_PER_MINUTE, TOKENS_PER_MINUTE, MAX_CONCURRENT_REQUESTS override both.
+#[derive(Debug, Parser)]
+#[command(name = "fanout", version, propagate_version = true)]
+struct Cli {
+    /// A TOML config file layered over the defaults (see config/default.toml for every key).
+    #[arg(long, global = true, value_name = "FILE")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the HTTP API for backend services (submit, follow, fetch, cancel; /openapi.json).
+    Api(ApiArgs),
+    /// Run a worker process: claim section jobs, take the shared budget, call the provider.
+    Worker(WorkerArgs),
+    /// Run an aggregator process: assemble reports as their sections finish.
+    Aggregator(AggregatorArgs),
+    /// Submit a report from a template and an inputs file; prints the report id.
+    Submit(report_cmds::SubmitArgs),
+    /// Follow a report live: one progress line per section (per persona).
+    Watch(report_cmds::WatchArgs),
+    /// Print a report (partial while it runs) as Markdown or JSON.
+    Report(report_cmds::ReportArgs),
+    /// Run everything in one process on the simulated provider: a startup report and a
+    /// 20-persona panel.
+    Demo(demo::DemoArgs),
+    /// Measure report scheduling, the shared budget and worker memory on the simulated provider.
+    Bench(bench::BenchArgs),
+    /// Run the simulated OpenAI-compatible provider (latency model, rate limits, faults).
+    Sim(fanout_sim::SimArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct WorkerArgs {
+    /// Jobs in flight in this process (default: worker.concurrency, or MAX_CONCURRENT_REQUESTS).
+    #[arg(long)]
+    concurrency: Option<usize>,
+    /// Seconds in-flight jobs get to finish after SIGTERM (default: worker.grace_secs).
+    #[arg(long)]
+    grace: Option<u64>,
+    /// Serve /metrics, /healthz and /readyz here (default: metrics.listen; off when empty).
+    #[arg(long, value_name = "ADDR")]
+    metrics_addr: Option<SocketAddr>,
+}
+
+#[derive(Debug, clap::Args)]
+struct ApiArgs {
+    /// Address to listen on (default: api.listen).
+    #[arg(long, value_name = "ADDR")]
+    listen: Option<SocketAddr>,
+}
+
+#[derive(Debug, clap::Args)]
+struct AggregatorArgs {
+    /// Serve /metrics, /healthz and /readyz here (default: metrics.listen; off when empty).
+    #[arg(long, value_name = "ADDR")]
+    metrics_addr: Option<SocketAddr>,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    match runtime.block_on(run(cli)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn load_config(path: Option<&std::path::Path>) -> anyhow::Result<Arc<Config>> {
+    let config = Config::from_env(path)?;
+    telemetry::init(&config.log.format, &config.log.level);
+    Ok(Arc::new(config))
+}
+
+async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let shutdown = CancellationToken::new();
+    spawn_signal_handler(shutdown.clone());
+    let config_path = cli.config.as_deref();
+    match cli.command {
+        Command::Sim(args) => {
+            telemetry::init_from_env();
+            let listen = args.listen;
+            let config = args.into_config()?;
+            let listener = tokio::net::TcpListener::bind(listen)
+                .await
+                .with_context(|| format!("cannot listen on --listen {listen}"))?;
+            tracing::info!(addr = %listener.local_addr()?, "simulated provider listening");
+            fanout_sim::run(listener, config, shutdown).await?;
+        }
+        Command::Api(args) => {
+            let config = load_config(config_path)?;
+            let listen = match args.listen {
+                Some(a) => a,
+                None => config.api.listen.parse()?,
+            };
+            let state = fanout_producer::api::ApiState::from_config(&config)?;
+            let listener = tokio::net::TcpListener::bind(listen)
+                .await
+                .with_context(|| format!("cannot listen on {listen}"))?;
+            tracing::info!(addr = %listener.local_addr()?, "api listening");
+            fanout_producer::api::run(state, listener, shutdown.clone()).await?;
+        }
+        Command::Worker(args) => {
+            let config = load_config(config_path)?;
+            let mut options = fanout_worker::WorkerOptions::from_config(&config);
+            if let Some(n) = args.concurrency {
+                anyhow::ensure!(n > 0, "--concurrency must be at least 1");
+                options.concurrency = n;
+            }
+            if let Some(g) = args.grace {
+                options.grace = Duration::from_secs(g);
+            }
+            // The ops endpoint outlives the drain: metrics and probes keep answering until
+            // the last in-flight job is done.
+            let ops_stop = CancellationToken::new();
+            let ops = serve_ops(&config, args.metrics_addr, &ops_stop)?;
+            let result = fanout_worker::run(config, options, shutdown.clone()).await;
+            ops_stop.cancel();
+            if let Some(ops) = ops {
+                ops.await??;
+            }
+            result?;
+        }
+        Command::Aggregator(args) => {
+            let config = load_config(config_path)?;
+            let pool = fanout_worker::redis_pool(&config)?;
+            let ops_stop = CancellationToken::new();
+            let ops = serve_ops(&config, args.metrics_addr, &ops_stop)?;
+            let store = fanout_aggregator::Store::from_config(pool, &config);
+            // Webhook deliveries get their own token: they keep the grace period after SIGTERM.
+            use fanout_producer::api::webhook;
+            let webhooks = webhook::Webhooks::new(
+                webhook::WebhookOptions::from_env(&std::env::vars().collect()),
+                CancellationToken::new(),
+            )?;
+            let deliver = webhook::on_finished_hook(&webhooks);
+            let options = fanout_aggregator::AggregatorOptions {
+                on_finished: Some(Arc::new(move |view: fanout_aggregator::ReportView| {
+                    let m = &fanout_metrics::METRICS;
+                    m.reports_finished
+                        .with_label_values(&[view.template.as_str(), view.status.as_str()])
+                        .inc();
+                    m.report_duration
+                        .with_label_values(&[view.template.as_str()])
+                        .observe(view.totals.wall_ms as f64 / 1000.0);
+                    deliver(view);
+                })),
+                ..Default::default()
+            };
+            tracing::info!("aggregator started");
+            let result = fanout_aggregator::run(store, options, shutdown.clone()).await;
+            webhooks
+                .drain(Duration::from_secs(config.worker.grace_secs))
+                .await;
+            ops_stop.cancel();
+            if let Some(ops) = ops {
+                ops.await??;
+            }
+            result?;
+        }
+        Command::Submit(args) => {
+            let config = load_config(config_path)?;
+            let producer = producer(&config)?;
+            return report_cmds::submit(&producer, args).await;
+        }
+        Command::Watch(args) => {
+            let config = load_config(config_path)?;
+            return report_cmds::watch(&store(&config)?, args).await;
+        }
+        Command::Report(args) => {
+            let config = load_config(config_path)?;
+            return report_cmds::report(&store(&config)?, args).await;
+        }
+        Command::Bench(args) => {
+            telemetry::init_from_env_with("warn");
+            return bench::run(args, shutdown).await;
+        }
+        Command::Demo(args) => {
+            telemetry::init_from_env_with("warn");
+            return demo::run(args, shutdown).await;
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn store(config: &Config) -> anyhow::Result<fanout_aggregator::Store> {
+    let pool = fanout_worker::redis_pool(config)?;
+    Ok(fanout_aggregator::Store::from_config(pool, config))
+}
+
+fn producer(config: &Config) -> anyhow::Result<fanout_producer::Producer> {
+    let pool = fanout_worker::redis_pool(config)?;
+    let templates = fanout_producer::Templates::load(&config.reports.templates_dir)?;
+    Ok(fanout_producer::Producer::new(
+        fanout_aggregator::Store::from_config(pool.clone(), config),
+        fanout_queue::Queue::new(pool, &config.redis.namespace, config.queue.clone()),
+        templates,
+    ))
+}
+
+type OpsTask = tokio::task::JoinHandle<anyhow::Result<()>>;
+
+/// Start the /metrics + health endpoint when an address is configured.
+fn serve_ops(
+    config: &Config,
+    flag: Option<SocketAddr>,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<Option<OpsTask>> {
+    let addr = match flag {
+        Some(a) => a,
+        None if config.metrics.listen.is_empty() => return Ok(None),
+        None => config.metrics.listen.parse()?,
+    };
+    let pool = fanout_worker::redis_pool(config)?;
+    Ok(Some(tokio::spawn(ops::serve(addr, pool, shutdown.clone()))))
+}
+
+/// SIGINT or SIGTERM cancels the root token; a second signal exits at once.
+fn spawn_signal_handler(shutdown: CancellationToken) {
+    tokio::spawn(async move {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("install SIGTERM handler");
+        for n in 0.. {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+            if n > 0 {
+                eprintln!("second signal: exiting now");
+                std::process::exit(130);
+            }
+            tracing::info!("shutdown requested: draining");
+            shutdown.cancel();
+        }
+    });
+}

@@ -1,0 +1,303 @@
+//! `fanout submit`, `fanout watch`, `fanout report`: the user's side of a report.
+
+use std::io::IsTerminal as _;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use fanout_aggregator::{Format, ReportView, Store};
+use fanout_core::report::{Lane, ReportStatus, SectionState};
+use fanout_producer::{Producer, SubmitRequest};
+use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
+
+#[derive(Debug, clap::Args)]
+pub(crate) struct SubmitArgs {
+    /// A template name (see config/templates) or a path to a template file.
+    #[arg(long, short)]
+    template: String,
+    /// A JSON file with the template's inputs ("-" reads stdin).
+    #[arg(long, short)]
+    input: PathBuf,
+    /// Wait until the report is final and print where to read it; exit 1 if it failed or was
+    /// cancelled, 2 if it completed with failed sections.
+    #[arg(long)]
+    wait: bool,
+    /// A repeated submit with the same key returns the first report.
+    #[arg(long)]
+    idempotency_key: Option<String>,
+    /// Queue lane: interactive (default) or batch.
+    #[arg(long, value_parser = parse_lane)]
+    lane: Option<Lane>,
+    /// With --wait, show live progress.
+    #[arg(long)]
+    progress: bool,
+}
+
+fn parse_lane(s: &str) -> Result<Lane, String> {
+    Lane::parse(s).ok_or_else(|| format!("`{s}` is not a lane; use interactive or batch"))
+}
+
+#[derive(Debug, clap::Args)]
+pub(crate) struct WatchArgs {
+    /// The report id that `fanout submit` printed.
+    id: String,
+}
+
+#[derive(Debug, clap::Args)]
+pub(crate) struct ReportArgs {
+    /// The report id that `fanout submit` printed.
+    id: String,
+    /// md (Markdown) or json.
+    #[arg(long, short, default_value = "md", value_parser = ["md", "json"])]
+    format: String,
+    /// Write to this file instead of stdout.
+    #[arg(long, short)]
+    output: Option<PathBuf>,
+}
+
+pub(crate) fn read_inputs(path: &Path) -> anyhow::Result<serde_json::Value> {
+    let text = if path == Path::new("-") {
+        std::io::read_to_string(std::io::stdin()).context("cannot read the inputs from stdin")?
+    } else {
+        std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read --input {}", path.display()))?
+    };
+    serde_json::from_str(&text).with_context(|| {
+        format!(
+            "--input {} is not valid JSON (it must be the template's inputs object)",
+            path.display()
+        )
+    })
+}
+
+pub(crate) async fn submit(producer: &Producer, args: SubmitArgs) -> anyhow::Result<ExitCode> {
+    let inputs = read_inputs(&args.input)?;
+    let submitted = producer
+        .submit(
+            "default",
+            SubmitRequest {
+                template: args.template,
+                inputs,
+                lane: args.lane,
+                idempotency_key: args.idempotency_key,
+                callback_url: None,
+            },
+        )
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    println!("{}", submitted.report_id);
+    if submitted.duplicate {
+        eprintln!("(an earlier submit with this idempotency key made this report)");
+    }
+    if !args.wait {
+        return Ok(ExitCode::SUCCESS);
+    }
+    let view = if args.progress {
+        watch_view(producer.store(), &submitted.report_id).await?
+    } else {
+        wait_final(producer.store(), &submitted.report_id).await?
+    };
+    eprintln!(
+        "report {} {}: {} of {} sections done, {} failed, {} skipped; read it with `fanout report {}`",
+        view.id,
+        view.status,
+        view.totals.done,
+        view.totals.sections,
+        view.totals.failed,
+        view.totals.skipped,
+        view.id
+    );
+    Ok(exit_code(view.status))
+}
+
+pub(crate) fn exit_code(status: ReportStatus) -> ExitCode {
+    match status {
+        ReportStatus::Completed => ExitCode::SUCCESS,
+        ReportStatus::CompletedWithFailures => ExitCode::from(2),
+        _ => ExitCode::from(1),
+    }
+}
+
+/// Wait for the report's final status by following its event stream (no polling).
+pub(crate) async fn wait_final(store: &Store, id: &str) -> anyhow::Result<ReportView> {
+    let mut after: Option<String> = None;
+    loop {
+        let events = store
+            .events(id, after.as_deref(), Some(Duration::from_secs(2)), 100)
+            .await
+            .with_context(|| format!("report {id}"))?;
+        if let Some(last) = events.last() {
+            after = Some(last.id.clone());
+        }
+        if events.iter().any(|e| e.kind == "report.finished") || events.is_empty() {
+            let view = load_view(store, id).await?;
+            if view.status.is_terminal() {
+                return Ok(view);
+            }
+        }
+    }
+}
+
+async fn load_view(store: &Store, id: &str) -> anyhow::Result<ReportView> {
+    store
+        .view(id)
+        .await?
+        .ok_or_else(|| anyhow::anyhow!("no report `{id}` (unknown, or expired)"))
+}
+
+pub(crate) async fn watch(store: &Store, args: WatchArgs) -> anyhow::Result<ExitCode> {
+    let view = watch_view(store, &args.id).await?;
+    Ok(exit_code(view.status))
+}
+
+/// Live progress: one line per section (per persona for `for_each` sections), until final.
+pub(crate) async fn watch_view(store: &Store, id: &str) -> anyhow::Result<ReportView> {
+    let view = load_view(store, id).await?;
+    let multi = MultiProgress::new();
+    let mut progress = Progress::new(&multi, &view);
+    let mut after: Option<String> = None;
+    let mut view = view;
+    loop {
+        progress.update(&view);
+        if view.status.is_terminal() {
+            progress.finish(&view);
+            return Ok(view);
+        }
+        let events = store
+            .events(id, after.as_deref(), Some(Duration::from_millis(500)), 200)
+            .await?;
+        if let Some(last) = events.last() {
+            after = Some(last.id.clone());
+        }
+        // Without a terminal (CI logs, pipes) the bars stay hidden: print the events as lines.
+        if !std::io::stderr().is_terminal() {
+            for e in &events {
+                eprintln!(
+                    "{} {}{}{}",
+                    e.kind,
+                    e.job_id.as_deref().unwrap_or(""),
+                    e.state
+                        .as_deref()
+                        .map(|s| format!(" {s}"))
+                        .unwrap_or_default(),
+                    if e.message.is_empty() {
+                        String::new()
+                    } else {
+                        format!(": {}", e.message)
+                    }
+                );
+            }
+        }
+        view = load_view(store, id).await?;
+    }
+}
+
+/// Progress bars for one report.
+pub(crate) struct Progress {
+    header: ProgressBar,
+    sections: Vec<ProgressBar>,
+}
+
+impl Progress {
+    pub(crate) fn new(multi: &MultiProgress, view: &ReportView) -> Self {
+        let header = multi.add(ProgressBar::new(view.sections.len() as u64));
+        header.set_style(
+            ProgressStyle::with_template("{prefix:.bold} [{bar:30.cyan/blue}] {pos}/{len} {msg}")
+                .expect("valid template")
+                .progress_chars("=> "),
+        );
+        header.set_prefix(format!("{} {}", view.template, short(&view.id)));
+        let style = ProgressStyle::with_template("  {spinner} {prefix:28} {msg}")
+            .expect("valid template")
+            .tick_chars("⠋⠙⠹⠸⠼⠴⠦⠧⠇⠏ ");
+        let sections = view
+            .sections
+            .iter()
+            .map(|s| {
+                let bar = multi.add(ProgressBar::new_spinner());
+                bar.set_style(style.clone());
+                let name = match &s.item {
+                    Some(item) => format!("{} · {item}", s.title),
+                    None => s.title.clone(),
+                };
+                bar.set_prefix(truncate(&name, 28));
+                bar.enable_steady_tick(Duration::from_millis(120));
+                bar
+            })
+            .collect();
+        Self { header, sections }
+    }
+
+    pub(crate) fn update(&mut self, view: &ReportView) {
+        let t = &view.totals;
+        self.header
+            .set_position((t.done + t.failed + t.skipped + t.cancelled) as u64);
+        self.header.set_message(format!(
+            "{} · {} tokens · ${:.4}",
+            view.status, t.total_tokens, t.cost
+        ));
+        for (bar, s) in self.sections.iter().zip(&view.sections) {
+            let msg = match s.state {
+                SectionState::Done => format!(
+                    "✔ done in {:.1}s · {} tokens{}",
+                    s.latency_ms.unwrap_or(0) as f64 / 1000.0,
+                    s.prompt_tokens + s.completion_tokens,
+                    if s.cached { " · cached" } else { "" }
+                ),
+                SectionState::Failed => format!("✖ failed: {}", s.reason.as_deref().unwrap_or("")),
+                SectionState::Skipped => format!("⏭ {}", s.reason.as_deref().unwrap_or("skipped")),
+                SectionState::Cancelled => "cancelled".into(),
+                SectionState::Running => format!("running (attempt {})", s.attempts.max(1)),
+                SectionState::Ready => "queued".into(),
+                SectionState::Pending => "waiting for inputs".into(),
+            };
+            if s.state.is_terminal() && !bar.is_finished() {
+                bar.finish_with_message(msg);
+            } else if !bar.is_finished() {
+                bar.set_message(msg);
+            }
+        }
+    }
+
+    pub(crate) fn finish(&self, view: &ReportView) {
+        self.header.finish_with_message(format!(
+            "{} in {:.1}s · {} tokens · ${:.4}",
+            view.status,
+            view.totals.wall_ms as f64 / 1000.0,
+            view.totals.total_tokens,
+            view.totals.cost
+        ));
+    }
+}
+
+fn short(id: &str) -> &str {
+    &id[id.len().saturating_sub(8)..]
+}
+
+fn truncate(s: &str, n: usize) -> String {
+    if s.chars().count() <= n {
+        s.to_owned()
+    } else {
+        let cut: String = s.chars().take(n - 1).collect();
+        format!("{cut}…")
+    }
+}
+
+pub(crate) async fn report(store: &Store, args: ReportArgs) -> anyhow::Result<ExitCode> {
+    let format = if args.format == "json" {
+        Format::Json
+    } else {
+        Format::Markdown
+    };
+    let doc = store
+        .document(&args.id, format)
+        .await?
+        .ok_or_else(|| anyhow::anyhow!("no report `{}` (unknown, or expired)", args.id))?;
+    match args.output {
+        Some(path) => std::fs::write(&path, doc)
+            .with_context(|| format!("cannot write --output {}", path.display()))?,
+        None => println!("{doc}"),
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,32 @@
+#![doc = include_str!("../README.md")]
+
+mod cache;
+mod client;
+mod cost;
+mod error;
+mod headers;
+mod retry;
+mod tokens;
+
+pub use cache::{CacheKeys, CacheStats, ResponseCache, request_hash};
+pub use client::{ChatRequest, ChatResponse, LlmClient};
+pub use cost::{CostTable, cost};
+pub use error::{CallError, ErrorKind};
+pub use headers::{RateHeaders, parse_reset};
+pub use retry::{Retried, RetryPolicy};
+pub use tokens::{
+    count_tokens, estimate_prompt_tokens, estimate_tokens, warm_up as warm_up_tokenizers,
+};
+
+/// Building an [`LlmClient`] failed.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(
+        "no api key is configured: set OPENAI_API_KEY, or the variable a [[provider.keys]] entry names"
+    )]
+    NoKeys,
+    #[error("cannot build the http client: {0}")]
+    Http(#[source] reqwest::Error),
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;

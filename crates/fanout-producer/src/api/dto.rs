@@ -1,0 +1,290 @@
+//! The JSON bodies of the API that exist only here. Each derives its OpenAPI schema
+//! (`ToSchema`). A report and its events are served as they are:
+//! [`fanout_aggregator::ReportView`] and [`fanout_aggregator::ReportEvent`] derive their own
+//! schemas, as do the wire enums of fanout-core ([`Lane`], [`ReportStatus`], …).
+
+use fanout_core::{InputKind, InputSpec, ItemSpec, Lane, ReportStatus, Template};
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+use utoipa::openapi::schema::{Object, ObjectBuilder, SchemaType, Type};
+
+use crate::SubmitRequest;
+
+/// `POST /v1/reports`: a report from a template and its inputs. Its schema in
+/// `/openapi.json` is refined per template (one alternative per template, with that
+/// template's inputs).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SubmitBody {
+    /// A template name, as listed by `GET /v1/templates`.
+    #[schema(example = "persona-panel")]
+    pub template: String,
+    /// The template's inputs: an object with the fields the template declares.
+    #[schema(value_type = Object)]
+    pub inputs: serde_json::Value,
+    /// Queue lane: `interactive` (a user is waiting; claimed first) or `batch`. Default: the
+    /// template's lane.
+    #[serde(default)]
+    pub lane: Option<Lane>,
+    /// A second submit with the same key (per tenant) answers 200 with the first report
+    /// instead of creating another; also heals a submit that failed half-way (503).
+    /// 1 to 200 printable ASCII characters.
+    #[serde(default)]
+    #[schema(pattern = "^[\\x21-\\x7e]{1,200}$", max_length = 200, min_length = 1)]
+    pub idempotency_key: Option<String>,
+    /// Where to POST the final report JSON when the report finishes (signed, see the
+    /// webhooks section of the crate README). An http(s) URL.
+    #[serde(default)]
+    #[schema(pattern = "^https?://")]
+    pub callback_url: Option<String>,
+}
+
+impl From<SubmitBody> for SubmitRequest {
+    fn from(b: SubmitBody) -> Self {
+        let SubmitBody {
+            template,
+            inputs,
+            lane,
+            idempotency_key,
+            callback_url,
+        } = b;
+        Self {
+            template,
+            inputs,
+            lane,
+            idempotency_key,
+            callback_url,
+        }
+    }
+}
+
+/// Links to a report's resources.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Links {
+    /// `GET` (view), `DELETE` (cancel).
+    #[serde(rename = "self")]
+    #[schema(example = "/v1/reports/0190f5d2-6f5b-7c2e-9a51-3c2d1e0f9a8b")]
+    pub this: String,
+    /// Server-Sent Events of the report's progress.
+    pub events: String,
+    /// The assembled document (`?format=md|json`).
+    pub report: String,
+}
+
+impl Links {
+    pub fn for_report(id: &str) -> Self {
+        Self {
+            this: format!("/v1/reports/{id}"),
+            events: format!("/v1/reports/{id}/events"),
+            report: format!("/v1/reports/{id}/report"),
+        }
+    }
+}
+
+/// A submitted report: 202 when it was created, 200 when the idempotency key matched an
+/// earlier report.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Accepted {
+    pub id: String,
+    pub status: ReportStatus,
+    /// The idempotency key matched an earlier report; nothing new was created.
+    pub duplicate: bool,
+    /// Jobs (provider calls) in the report.
+    pub jobs: usize,
+    pub links: Links,
+}
+
+/// A report whose cancellation was requested (`DELETE`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct ReportRef {
+    pub id: String,
+    pub status: ReportStatus,
+    pub links: Links,
+}
+
+/// A template a report can be made from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct TemplateInfo {
+    pub name: String,
+    pub title: String,
+    pub description: String,
+    /// The lane of its reports unless the request says otherwise.
+    pub lane: Lane,
+    /// The inputs a request gives.
+    pub inputs: Vec<InputInfo>,
+    /// Its sections, in report order.
+    pub sections: Vec<SectionInfo>,
+}
+
+/// One input of a template (or one field of an object input).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct InputInfo {
+    pub name: String,
+    #[schema(schema_with = input_kind_schema)]
+    pub kind: InputKind,
+    pub required: bool,
+    pub description: String,
+    /// Lists only: the most items accepted.
+    pub max_items: Option<usize>,
+    /// Strings and text only: the most characters accepted.
+    pub max_chars: Option<usize>,
+    /// Lists only: the shape of each item.
+    #[schema(no_recursion)]
+    pub items: Option<ItemInfo>,
+    /// Objects only: their fields.
+    #[schema(no_recursion)]
+    pub fields: Vec<InputInfo>,
+}
+
+/// The shape of the items of a list input.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct ItemInfo {
+    #[schema(schema_with = input_kind_schema)]
+    pub kind: InputKind,
+    pub max_chars: Option<usize>,
+    #[schema(no_recursion)]
+    pub fields: Vec<InputInfo>,
+}
+
+/// One section of a template.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct SectionInfo {
+    pub id: String,
+    pub title: String,
+    /// Sections whose output this one reads.
+    pub depends_on: Vec<String>,
+    /// The list input it runs once per item of.
+    pub for_each: Option<String>,
+    /// The report can complete without it.
+    pub optional: bool,
+}
+
+impl From<&Template> for TemplateInfo {
+    fn from(t: &Template) -> Self {
+        Self {
+            name: t.name.clone(),
+            title: t.title.clone(),
+            description: t.description.clone(),
+            lane: t.default_lane(),
+            inputs: t.inputs.iter().map(InputInfo::from).collect(),
+            sections: t
+                .sections
+                .iter()
+                .map(|s| SectionInfo {
+                    id: s.id.clone(),
+                    title: s.title.clone(),
+                    depends_on: s.depends_on.clone(),
+                    for_each: s.for_each.clone(),
+                    optional: s.optional,
+                })
+                .collect(),
+        }
+    }
+}
+
+impl From<&InputSpec> for InputInfo {
+    fn from(i: &InputSpec) -> Self {
+        let InputSpec {
+            name,
+            kind,
+            required,
+            description,
+            max_items,
+            max_chars,
+            items,
+            fields,
+        } = i;
+        Self {
+            name: name.clone(),
+            kind: *kind,
+            required: *required,
+            description: description.clone(),
+            max_items: *max_items,
+            max_chars: *max_chars,
+            items: items.as_deref().map(ItemInfo::from),
+            fields: fields.iter().map(InputInfo::from).collect(),
+        }
+    }
+}
+
+impl From<&ItemSpec> for ItemInfo {
+    fn from(i: &ItemSpec) -> Self {
+        let ItemSpec {
+            kind,
+            max_chars,
+            fields,
+        } = i;
+        Self {
+            kind: *kind,
+            max_chars: *max_chars,
+            fields: fields.iter().map(InputInfo::from).collect(),
+        }
+    }
+}
+
+/// `GET /healthz`, `GET /readyz`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Health {
+    #[schema(example = "ok")]
+    pub status: String,
+}
+
+// The schema of `InputKind` (fanout-core's template enum), built from its list of names.
+
+pub(crate) const INPUT_KINDS: [InputKind; 6] = [
+    InputKind::String,
+    InputKind::Text,
+    InputKind::List,
+    InputKind::Object,
+    InputKind::Number,
+    InputKind::Bool,
+];
+
+/// The wire name of an input kind (exhaustive: a new kind does not compile until listed).
+pub(crate) fn input_kind_name(k: InputKind) -> &'static str {
+    match k {
+        InputKind::String => "string",
+        InputKind::Text => "text",
+        InputKind::List => "list",
+        InputKind::Object => "object",
+        InputKind::Number => "number",
+        InputKind::Bool => "bool",
+    }
+}
+
+fn input_kind_schema() -> Object {
+    let names = INPUT_KINDS.iter().map(|k| input_kind_name(*k).into());
+    ObjectBuilder::new()
+        .schema_type(SchemaType::Type(Type::String))
+        .enum_values(Some(names.collect::<Vec<serde_json::Value>>()))
+        .build()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn input_kind_names_are_the_serde_names() {
+        for k in INPUT_KINDS {
+            assert_eq!(
+                serde_json::to_value(k).unwrap(),
+                serde_json::Value::from(input_kind_name(k))
+            );
+        }
+    }
+
+    #[test]
+    fn submit_body_is_the_shape_of_submit_request() {
+        let req = SubmitRequest {
+            template: "t".into(),
+            inputs: serde_json::json!({"a": 1}),
+            lane: Some(Lane::Batch),
+            idempotency_key: Some("k".into()),
+            callback_url: None,
+        };
+        let body: SubmitBody = serde_json::from_value(serde_json::to_value(&req).unwrap()).unwrap();
+        assert_eq!(SubmitRequest::from(body.clone()).lane, Some(Lane::Batch));
+        assert_eq!(body.template, "t");
+    }
+}

@@ -1,0 +1,246 @@
+//! The HTTP API for backend services (axum): submit reports, follow them as Server-Sent
+//! Events, read and cancel them; templates, health, readiness, metrics and the OpenAPI
+//! document. See the crate README for the routes and the wiring.
+
+mod auth;
+mod dto;
+mod error;
+mod extract;
+mod openapi;
+mod ratelimit;
+mod routes;
+mod sse;
+pub mod webhook;
+
+pub use auth::OPEN_TENANT;
+pub use dto::{
+    Accepted, Health, InputInfo, ItemInfo, Links, ReportRef, SectionInfo, SubmitBody, TemplateInfo,
+};
+pub use error::{ApiError, ErrorBody, ErrorDetail};
+/// The bodies of `GET /v1/reports/{id}` and of the event stream, as the aggregator defines them.
+pub use fanout_aggregator::{ReportEvent, ReportView, SectionView, Totals};
+pub use routes::DocFormat;
+pub use sse::{ERROR_EVENT, REPORT_EVENT};
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::DefaultBodyLimit;
+use axum::routing::get;
+use bytes::Bytes;
+use deadpool_redis::Pool;
+use fanout_aggregator::Store;
+use fanout_core::Config;
+use fanout_core::template::TemplateError;
+use tokio_util::sync::CancellationToken;
+use tower_http::trace::TraceLayer;
+
+use crate::{Producer, Templates};
+use auth::{Tenant, Tokens};
+use ratelimit::SubmitLimiter;
+
+/// Everything the handlers share. Cheap to clone.
+#[derive(Clone)]
+pub struct ApiState {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    producer: Producer,
+    pool: Pool,
+    tokens: Tokens,
+    limiter: SubmitLimiter,
+    max_body_bytes: usize,
+    openapi: Bytes,
+    /// Cancelled at shutdown: ends the event streams, which would hold a graceful shutdown.
+    streams: CancellationToken,
+    keep_alive: Duration,
+    sse_block: Duration,
+}
+
+impl std::fmt::Debug for ApiState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ApiState")
+            .field("producer", &self.inner.producer)
+            .field("tokens", &self.inner.tokens)
+            .field("limiter", &self.inner.limiter)
+            .field("max_body_bytes", &self.inner.max_body_bytes)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What can stop the API from starting.
+#[derive(Debug, thiserror::Error)]
+pub enum InitError {
+    #[error("redis pool for {url}: {message}")]
+    Pool { url: String, message: String },
+    #[error(transparent)]
+    Templates(#[from] TemplateError),
+}
+
+impl ApiState {
+    /// The API over `producer`. `pool` serves readiness checks and the submission limit
+    /// (pass the producer's own pool). Tokens, body limit and submission limit come from
+    /// `config.api`.
+    pub fn new(producer: Producer, pool: Pool, config: &Config) -> Self {
+        let api = &config.api;
+        if api.tokens.is_empty() {
+            tracing::warn!(
+                "no api tokens configured (FANOUT_API_TOKENS): the api is open and every request is tenant \"default\""
+            );
+        }
+        let openapi = openapi::document(producer.templates(), !api.tokens.is_empty());
+        Self {
+            inner: Arc::new(Inner {
+                tokens: Tokens::new(&api.tokens),
+                limiter: SubmitLimiter::new(api.submissions_per_minute, &config.redis.namespace),
+                max_body_bytes: api.max_body_bytes,
+                openapi: Bytes::from(serde_json::to_vec(&openapi).expect("json serializes")),
+                streams: CancellationToken::new(),
+                keep_alive: Duration::from_secs(15),
+                sse_block: Duration::from_secs(10),
+                producer,
+                pool,
+            }),
+        }
+    }
+
+    /// Everything from `config`: one Redis pool for the store, the queue and the API, and the
+    /// templates of `reports.templates_dir` over the built-in ones.
+    pub fn from_config(config: &Config) -> Result<Self, InitError> {
+        let pool = redis_pool(config)?;
+        let templates = Templates::load(&config.reports.templates_dir)?;
+        let producer = Producer::new(
+            Store::from_config(pool.clone(), config),
+            fanout_queue::Queue::new(pool.clone(), &config.redis.namespace, config.queue.clone()),
+            templates,
+        );
+        Ok(Self::new(producer, pool, config))
+    }
+
+    /// The same state with other keep-alive and blocking-read intervals for event streams
+    /// (defaults 15 s and 10 s); for tests.
+    pub fn with_sse_intervals(self, keep_alive: Duration, block: Duration) -> Self {
+        let inner = Arc::try_unwrap(self.inner).unwrap_or_else(|arc| Inner {
+            producer: arc.producer.clone(),
+            pool: arc.pool.clone(),
+            tokens: arc.tokens.clone(),
+            limiter: arc.limiter.clone(),
+            max_body_bytes: arc.max_body_bytes,
+            openapi: arc.openapi.clone(),
+            streams: arc.streams.clone(),
+            keep_alive: arc.keep_alive,
+            sse_block: arc.sse_block,
+        });
+        Self {
+            inner: Arc::new(Inner {
+                keep_alive,
+                sse_block: block,
+                ..inner
+            }),
+        }
+    }
+
+    pub fn producer(&self) -> &Producer {
+        &self.inner.producer
+    }
+
+    /// The OpenAPI document served at `/openapi.json`.
+    pub fn openapi(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.inner.openapi).expect("stored as json")
+    }
+
+    pub(crate) fn store(&self) -> &Store {
+        self.inner.producer.store()
+    }
+
+    pub(crate) fn pool(&self) -> &Pool {
+        &self.inner.pool
+    }
+
+    pub(crate) fn tokens(&self) -> &Tokens {
+        &self.inner.tokens
+    }
+
+    pub(crate) fn limiter(&self) -> &SubmitLimiter {
+        &self.inner.limiter
+    }
+
+    pub(crate) fn openapi_bytes(&self) -> Bytes {
+        self.inner.openapi.clone()
+    }
+
+    pub(crate) fn streams_token(&self) -> CancellationToken {
+        self.inner.streams.clone()
+    }
+
+    pub(crate) fn keep_alive(&self) -> Duration {
+        self.inner.keep_alive
+    }
+
+    pub(crate) fn sse_block(&self) -> Duration {
+        self.inner.sse_block
+    }
+
+    /// The report if it exists and belongs to `tenant`; otherwise the same 404 either way.
+    pub(crate) async fn view_for(&self, tenant: &Tenant, id: &str) -> Result<ReportView, ApiError> {
+        match self.store().view(id).await? {
+            Some(view) if view.tenant == tenant.0 => Ok(view),
+            _ => Err(ApiError::report_not_found(id)),
+        }
+    }
+}
+
+/// The API's routes, with JSON errors for unknown routes (404), wrong methods (405), and
+/// bodies over `api.max_body_bytes` (413).
+pub fn router(state: ApiState) -> Router {
+    let max_body = state.inner.max_body_bytes;
+    Router::new()
+        .route("/v1/reports", axum::routing::post(routes::submit))
+        .route(
+            "/v1/reports/{id}",
+            get(routes::get_report).delete(routes::cancel),
+        )
+        .route("/v1/reports/{id}/events", get(sse::events))
+        .route("/v1/reports/{id}/report", get(routes::document))
+        .route("/v1/templates", get(routes::templates))
+        .route("/healthz", get(routes::healthz))
+        .route("/readyz", get(routes::readyz))
+        .route("/metrics", get(routes::metrics))
+        .route("/openapi.json", get(routes::openapi_json))
+        .fallback(error::not_found)
+        .method_not_allowed_fallback(error::method_not_allowed)
+        .layer(DefaultBodyLimit::max(max_body))
+        .layer(TraceLayer::new_for_http())
+        .with_state(state)
+}
+
+/// Serve the API on `listener` until `shutdown`; then stop accepting, end the event streams
+/// and let in-flight requests finish.
+pub async fn run(
+    state: ApiState,
+    listener: tokio::net::TcpListener,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    let addr = listener.local_addr()?;
+    tracing::info!(addr = %addr, "api listening");
+    let streams = state.streams_token();
+    let app = router(state);
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async move {
+            shutdown.cancelled().await;
+            streams.cancel();
+        })
+        .await?;
+    tracing::info!(addr = %addr, "api stopped");
+    Ok(())
+}
+
+/// The Redis pool every process builds (`fanout_core::redis::pool`).
+fn redis_pool(config: &Config) -> Result<Pool, InitError> {
+    fanout_core::redis::pool(&config.redis).map_err(|message| InitError::Pool {
+        url: fanout_core::config::redact_url(&config.redis.url),
+        message,
+    })
+}

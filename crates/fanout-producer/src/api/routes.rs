@@ -1,0 +1,344 @@
+//! The handlers of the report, template and operations routes.
+
+use axum::Json;
+use axum::extract::State;
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use fanout_aggregator::{Format, ReportView};
+use fanout_core::ReportStatus;
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+use super::ApiState;
+use super::auth::Tenant;
+use super::dto::{Accepted, Health, Links, ReportRef, SubmitBody, TemplateInfo};
+use super::error::{ApiError, ErrorBody};
+use super::extract::{ApiJson, ApiQuery, ReportId};
+
+#[utoipa::path(
+    post,
+    path = "/v1/reports",
+    tag = "reports",
+    operation_id = "submit_report",
+    summary = "Submit a report",
+    description = "Validates the request, stores the report and queues the jobs whose \
+        dependencies are met. Nothing is written for an invalid request. A 503 may leave a \
+        report stored but not (fully) queued: retry with the same `idempotency_key`, which \
+        answers with that report and queues what is missing.",
+    request_body(content = SubmitBody, content_type = "application/json"),
+    responses(
+        (status = 202, description = "Created; its jobs are queued.", body = Accepted,
+            headers(("location" = String, description = "The report's URL"))),
+        (status = 200, description = "The idempotency key matched an earlier report of this tenant; nothing new was created.",
+            body = Accepted, headers(("location" = String, description = "The report's URL"))),
+        (status = 400, description = "The body is not valid JSON (the message gives line and column).", body = ErrorBody),
+        (status = 401, description = "Missing or invalid bearer token.", body = ErrorBody,
+            headers(("www-authenticate" = String, description = "`Bearer realm=\"fanout\"`"))),
+        (status = 413, description = "The body is larger than `api.max_body_bytes`.", body = ErrorBody),
+        (status = 415, description = "The content type is not `application/json`.", body = ErrorBody),
+        (status = 422, description = "A field is missing, has the wrong type or an invalid value; `field` names it (`template`, `inputs.personas[2].name`, …).", body = ErrorBody),
+        (status = 429, description = "The tenant exceeded `api.submissions_per_minute`.", body = ErrorBody,
+            headers(("retry-after" = u64, description = "Seconds until the window resets"))),
+        (status = 503, description = "Redis is unavailable; retry (with the same idempotency key).", body = ErrorBody,
+            headers(("retry-after" = u64, description = "Seconds to wait"))),
+    ),
+    security(("bearer" = []))
+)]
+pub(crate) async fn submit(
+    State(state): State<ApiState>,
+    tenant: Tenant,
+    ApiJson(body): ApiJson<SubmitBody>,
+) -> Result<Response, ApiError> {
+    state.limiter().check(state.pool(), &tenant.0).await?;
+    let templates = state.producer().templates();
+    // Only named templates over HTTP: the producer also loads a template from a path, which
+    // must not be reachable from a request.
+    if templates.iter().all(|t| t.name != body.template) {
+        return Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "unknown_template",
+            format!(
+                "unknown template `{}`; known: {}",
+                body.template,
+                templates.names().join(", ")
+            ),
+        )
+        .with_field("template"));
+    }
+    if let Some(key) = &body.idempotency_key
+        && (!(1..=200).contains(&key.len()) || !key.bytes().all(|b| b.is_ascii_graphic()))
+    {
+        return Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_request",
+            "must be 1 to 200 printable ASCII characters (no spaces)",
+        )
+        .with_field("idempotency_key"));
+    }
+    let submitted = state.producer().submit(&tenant.0, body.into()).await?;
+    let status = if submitted.duplicate {
+        state
+            .store()
+            .status(&submitted.report_id)
+            .await?
+            .unwrap_or(ReportStatus::Running)
+    } else {
+        ReportStatus::Running
+    };
+    let links = Links::for_report(&submitted.report_id);
+    let code = if submitted.duplicate {
+        StatusCode::OK
+    } else {
+        StatusCode::ACCEPTED
+    };
+    let mut headers = HeaderMap::new();
+    if let Ok(v) = HeaderValue::from_str(&links.this) {
+        headers.insert(header::LOCATION, v);
+    }
+    let body = Accepted {
+        id: submitted.report_id,
+        status,
+        duplicate: submitted.duplicate,
+        jobs: submitted.jobs,
+        links,
+    };
+    Ok((code, headers, Json(body)).into_response())
+}
+
+#[utoipa::path(
+    get,
+    path = "/v1/reports/{id}",
+    tag = "reports",
+    operation_id = "get_report",
+    summary = "A report as it stands",
+    description = "Status, every section with its state, text, tokens, cost and timings, and \
+        the totals. Another tenant's report is not found, like an unknown one.",
+    params(("id" = String, Path, description = "Report id", pattern = "^[0-9A-Za-z-]{1,64}$")),
+    responses(
+        (status = 200, description = "The report.", body = ReportView),
+        (status = 401, description = "Missing or invalid bearer token.", body = ErrorBody,
+            headers(("www-authenticate" = String, description = "`Bearer realm=\"fanout\"`"))),
+        (status = 404, description = "Unknown, expired or another tenant's report.", body = ErrorBody),
+        (status = 503, description = "Redis is unavailable.", body = ErrorBody,
+            headers(("retry-after" = u64, description = "Seconds to wait"))),
+    ),
+    security(("bearer" = []))
+)]
+pub(crate) async fn get_report(
+    State(state): State<ApiState>,
+    tenant: Tenant,
+    ReportId(id): ReportId,
+) -> Result<Json<ReportView>, ApiError> {
+    Ok(Json(state.view_for(&tenant, &id).await?))
+}
+
+#[utoipa::path(
+    delete,
+    path = "/v1/reports/{id}",
+    tag = "reports",
+    operation_id = "cancel_report",
+    summary = "Cancel a report",
+    description = "Queued jobs are dropped and running calls are not retried; the report ends \
+        `cancelled`. Repeating it is harmless. A report that already finished on its own \
+        answers 409.",
+    params(("id" = String, Path, description = "Report id", pattern = "^[0-9A-Za-z-]{1,64}$")),
+    responses(
+        (status = 202, description = "Cancelled (running calls may still finish, their results are kept).", body = ReportRef),
+        (status = 401, description = "Missing or invalid bearer token.", body = ErrorBody,
+            headers(("www-authenticate" = String, description = "`Bearer realm=\"fanout\"`"))),
+        (status = 404, description = "Unknown, expired or another tenant's report.", body = ErrorBody),
+        (status = 409, description = "The report already finished.", body = ErrorBody),
+        (status = 503, description = "Redis is unavailable.", body = ErrorBody,
+            headers(("retry-after" = u64, description = "Seconds to wait"))),
+    ),
+    security(("bearer" = []))
+)]
+pub(crate) async fn cancel(
+    State(state): State<ApiState>,
+    tenant: Tenant,
+    ReportId(id): ReportId,
+) -> Result<(StatusCode, Json<ReportRef>), ApiError> {
+    let view = state.view_for(&tenant, &id).await?;
+    if view.status.is_terminal() && view.status != ReportStatus::Cancelled {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "conflict",
+            format!("report `{id}` already finished ({})", view.status),
+        ));
+    }
+    state.producer().cancel(&id).await?;
+    let status = state
+        .store()
+        .status(&id)
+        .await?
+        .unwrap_or(ReportStatus::Cancelled);
+    tracing::info!(report = %id, tenant = %tenant.0, "report cancelled by request");
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(ReportRef {
+            links: Links::for_report(&id),
+            id,
+            status,
+        }),
+    ))
+}
+
+/// The format of an assembled report.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum DocFormat {
+    /// Markdown (`text/markdown`).
+    #[default]
+    Md,
+    /// JSON (`application/json`).
+    Json,
+}
+
+#[derive(Debug, Deserialize)]
+pub(crate) struct DocumentQuery {
+    #[serde(default)]
+    format: Option<DocFormat>,
+}
+
+#[utoipa::path(
+    get,
+    path = "/v1/reports/{id}/report",
+    tag = "reports",
+    operation_id = "get_report_document",
+    summary = "The assembled report document",
+    description = "Sections in template order, partial while the report runs, final once it \
+        finished. Markdown by default.",
+    params(
+        ("id" = String, Path, description = "Report id", pattern = "^[0-9A-Za-z-]{1,64}$"),
+        ("format" = Option<DocFormat>, Query, description = "`md` (default) or `json`"),
+    ),
+    responses(
+        (status = 200, description = "The document.", content(
+            (String = "text/markdown"),
+            (Object = "application/json"),
+        )),
+        (status = 400, description = "Unknown `format`.", body = ErrorBody),
+        (status = 401, description = "Missing or invalid bearer token.", body = ErrorBody,
+            headers(("www-authenticate" = String, description = "`Bearer realm=\"fanout\"`"))),
+        (status = 404, description = "Unknown, expired or another tenant's report.", body = ErrorBody),
+        (status = 503, description = "Redis is unavailable.", body = ErrorBody,
+            headers(("retry-after" = u64, description = "Seconds to wait"))),
+    ),
+    security(("bearer" = []))
+)]
+pub(crate) async fn document(
+    State(state): State<ApiState>,
+    tenant: Tenant,
+    ReportId(id): ReportId,
+    ApiQuery(q): ApiQuery<DocumentQuery>,
+) -> Result<Response, ApiError> {
+    state.view_for(&tenant, &id).await?;
+    let format = q.format.unwrap_or_default();
+    let (store_format, content_type) = match format {
+        DocFormat::Md => (Format::Markdown, "text/markdown; charset=utf-8"),
+        DocFormat::Json => (Format::Json, "application/json"),
+    };
+    let doc = state
+        .store()
+        .document(&id, store_format)
+        .await?
+        .ok_or_else(|| ApiError::report_not_found(&id))?;
+    Ok(([(header::CONTENT_TYPE, content_type)], doc).into_response())
+}
+
+#[utoipa::path(
+    get,
+    path = "/v1/templates",
+    tag = "templates",
+    operation_id = "list_templates",
+    summary = "The templates reports can be made from",
+    responses(
+        (status = 200, description = "Every template, by name.", body = Vec<TemplateInfo>),
+        (status = 401, description = "Missing or invalid bearer token.", body = ErrorBody,
+            headers(("www-authenticate" = String, description = "`Bearer realm=\"fanout\"`"))),
+    ),
+    security(("bearer" = []))
+)]
+pub(crate) async fn templates(
+    State(state): State<ApiState>,
+    _tenant: Tenant,
+) -> Json<Vec<TemplateInfo>> {
+    Json(
+        state
+            .producer()
+            .templates()
+            .iter()
+            .map(|t| TemplateInfo::from(t.as_ref()))
+            .collect(),
+    )
+}
+
+#[utoipa::path(
+    get,
+    path = "/healthz",
+    tag = "operations",
+    operation_id = "healthz",
+    summary = "The process is up",
+    responses((status = 200, description = "Up.", body = Health)),
+)]
+pub(crate) async fn healthz() -> Json<Health> {
+    Json(Health {
+        status: "ok".into(),
+    })
+}
+
+#[utoipa::path(
+    get,
+    path = "/readyz",
+    tag = "operations",
+    operation_id = "readyz",
+    summary = "Redis answers",
+    responses(
+        (status = 200, description = "Ready.", body = Health),
+        (status = 503, description = "Redis does not answer PING.", body = ErrorBody,
+            headers(("retry-after" = u64, description = "Seconds to wait"))),
+    ),
+)]
+pub(crate) async fn readyz(State(state): State<ApiState>) -> Result<Json<Health>, ApiError> {
+    let mut conn = state.pool().get().await.map_err(ApiError::unavailable)?;
+    let _: String = redis::cmd("PING")
+        .query_async(&mut conn)
+        .await
+        .map_err(ApiError::unavailable)?;
+    Ok(Json(Health {
+        status: "ready".into(),
+    }))
+}
+
+#[utoipa::path(
+    get,
+    path = "/metrics",
+    tag = "operations",
+    operation_id = "metrics",
+    summary = "Prometheus metrics of this process",
+    responses((status = 200, description = "Prometheus text exposition.", body = String, content_type = "text/plain")),
+)]
+pub(crate) async fn metrics() -> impl IntoResponse {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        fanout_metrics::encode(),
+    )
+}
+
+#[utoipa::path(
+    get,
+    path = "/openapi.json",
+    tag = "operations",
+    operation_id = "openapi",
+    summary = "This document",
+    responses((status = 200, description = "The OpenAPI document of this API.", body = Object)),
+)]
+pub(crate) async fn openapi_json(State(state): State<ApiState>) -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        state.openapi_bytes(),
+    )
+}

@@ -1,0 +1,201 @@
+#![doc = include_str!("../README.md")]
+
+pub mod api;
+pub mod client;
+mod templates;
+
+pub use templates::{ResolveError, Templates};
+
+use std::sync::Arc;
+
+use fanout_aggregator::{NewReport, Store};
+use fanout_core::job::SectionJob;
+use fanout_core::report::Lane;
+use fanout_core::template::InputError;
+use fanout_metrics::METRICS;
+use fanout_queue::{NewJob, Queue};
+use serde::{Deserialize, Serialize};
+
+/// A request for a report.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SubmitRequest {
+    /// A template name (`startup-report`) or a path to a template file.
+    pub template: String,
+    /// The template's inputs.
+    pub inputs: serde_json::Value,
+    /// `interactive` (default) or `batch`.
+    #[serde(default)]
+    pub lane: Option<Lane>,
+    /// A second submit with the same key (per tenant) returns the first report.
+    #[serde(default)]
+    pub idempotency_key: Option<String>,
+    #[serde(default)]
+    pub callback_url: Option<String>,
+}
+
+/// What a submit did.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Submitted {
+    pub report_id: String,
+    /// True when the idempotency key matched an earlier report (nothing new was enqueued).
+    pub duplicate: bool,
+    /// Jobs in the report.
+    pub jobs: usize,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SubmitError {
+    #[error(transparent)]
+    Template(#[from] ResolveError),
+    #[error("{}: {}", .0.field, .0.message)]
+    Input(InputError),
+    #[error("field `{field}`: {message}")]
+    Field { field: String, message: String },
+    #[error("redis is unavailable: {0}")]
+    Unavailable(String),
+}
+
+impl SubmitError {
+    /// The request field the error is about, for API error bodies.
+    pub fn field(&self) -> Option<String> {
+        match self {
+            Self::Template(_) => Some("template".into()),
+            Self::Input(e) => Some(e.field.clone()),
+            Self::Field { field, .. } => Some(field.clone()),
+            Self::Unavailable(_) => None,
+        }
+    }
+}
+
+/// Turns requests into report records and queued jobs.
+#[derive(Debug, Clone)]
+pub struct Producer {
+    store: Store,
+    queue: Queue,
+    templates: Arc<Templates>,
+}
+
+impl Producer {
+    pub fn new(store: Store, queue: Queue, templates: Templates) -> Self {
+        Self {
+            store,
+            queue,
+            templates: Arc::new(templates),
+        }
+    }
+
+    pub fn templates(&self) -> &Templates {
+        &self.templates
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    pub fn queue(&self) -> &Queue {
+        &self.queue
+    }
+
+    /// Validate, store the report and enqueue its ready jobs. Nothing is written when the request
+    /// is invalid. Safe to repeat with the same idempotency key: a repeat re-enqueues the first
+    /// report's ready jobs (idempotent by job id), which also heals a crash between the two steps.
+    pub async fn submit(&self, tenant: &str, req: SubmitRequest) -> Result<Submitted, SubmitError> {
+        if let Some(key) = &req.idempotency_key
+            && (key.is_empty() || key.len() > 200)
+        {
+            return Err(SubmitError::Field {
+                field: "idempotency_key".into(),
+                message: "must be 1 to 200 characters".into(),
+            });
+        }
+        if let Some(url) = &req.callback_url
+            && !(url.starts_with("http://") || url.starts_with("https://"))
+        {
+            return Err(SubmitError::Field {
+                field: "callback_url".into(),
+                message: format!("`{url}` is not an http(s) URL"),
+            });
+        }
+        let template = self.templates.resolve(&req.template)?;
+        template
+            .validate_inputs(&req.inputs)
+            .map_err(SubmitError::Input)?;
+        let graph = template
+            .job_graph(&req.inputs)
+            .map_err(SubmitError::Input)?;
+        let lane = req.lane.unwrap_or_else(|| template.default_lane());
+        let jobs = graph.jobs.len();
+        let created = self
+            .store
+            .create(NewReport {
+                tenant: tenant.to_owned(),
+                template: (*template).clone(),
+                inputs: req.inputs,
+                graph,
+                lane: lane.to_string(),
+                idempotency_key: req.idempotency_key,
+                callback_url: req.callback_url,
+            })
+            .await
+            .map_err(|e| SubmitError::Unavailable(e.to_string()))?;
+        let queue_lane = queue_lane(lane);
+        let new_jobs: Vec<NewJob> = created
+            .ready
+            .iter()
+            .map(|node| {
+                METRICS
+                    .jobs_enqueued
+                    .with_label_values(&[lane.to_string().as_str(), node.section.as_str()])
+                    .inc();
+                let job = SectionJob::new(&created.report_id, &node.id);
+                NewJob::new(
+                    job.queue_id(),
+                    serde_json::to_value(&job).expect("a job serializes"),
+                )
+                .lane(queue_lane)
+                .priority(node.priority)
+            })
+            .collect();
+        self.queue
+            .enqueue_many(new_jobs)
+            .await
+            .map_err(|e| SubmitError::Unavailable(e.to_string()))?;
+        if !created.duplicate {
+            METRICS
+                .reports_submitted
+                .with_label_values(&[template.name.as_str()])
+                .inc();
+            tracing::info!(report = %created.report_id, template = %template.name, jobs, "report submitted");
+        }
+        Ok(Submitted {
+            report_id: created.report_id,
+            duplicate: created.duplicate,
+            jobs,
+        })
+    }
+
+    /// Cancel a report: queued jobs are dropped, running calls are not retried.
+    pub async fn cancel(&self, report_id: &str) -> Result<bool, SubmitError> {
+        let queued = self
+            .store
+            .cancel(report_id)
+            .await
+            .map_err(|e| SubmitError::Unavailable(e.to_string()))?;
+        let ids: Vec<String> = queued
+            .iter()
+            .map(|job| SectionJob::new(report_id, job).queue_id())
+            .collect();
+        self.queue
+            .remove(&ids)
+            .await
+            .map_err(|e| SubmitError::Unavailable(e.to_string()))?;
+        Ok(true)
+    }
+}
+
+fn queue_lane(lane: Lane) -> fanout_queue::Lane {
+    match lane {
+        Lane::Interactive => fanout_queue::Lane::Interactive,
+        Lane::Batch => fanout_queue::Lane::Batch,
+    }
+}

@@ -1,0 +1,15 @@
+#![doc = include_str!("../README.md")]
+
+mod backoff;
+mod error;
+mod job;
+mod keys;
+mod queue;
+mod worker;
+
+pub use backoff::retry_delay;
+pub use error::{Error, Result};
+pub use job::{ConsumerId, DeadLetter, Delivery, Enqueued, Lane, LaneDepth, NewJob, RetryOutcome};
+pub use keys::GROUP;
+pub use queue::{DEFAULT_IDEMPOTENCY_TTL, Queue};
+pub use worker::{Handler, Outcome, WorkerOptions, run_worker};

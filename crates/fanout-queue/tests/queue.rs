@@ -1,0 +1,495 @@
+//! The low-level queue API against a real redis-server.
+
+mod common;
+
+use std::time::{Duration, Instant, SystemTime};
+
+use common::{command_calls, job, redis_conn, setup};
+use fanout_queue::{ConsumerId, Enqueued, Error, Lane, NewJob, Queue, RetryOutcome};
+use redis::AsyncCommands;
+
+const NO_BLOCK: Duration = Duration::ZERO;
+
+#[tokio::test]
+async fn enqueue_claim_ack_roundtrip() {
+    let s = setup(&[]);
+    let q = &s.queue;
+    let payload = serde_json::json!({"section": "risk", "n": [1, 2, 3]});
+    let e = q
+        .enqueue(
+            NewJob::new("job-1", payload.clone())
+                .lane(Lane::Batch)
+                .priority(3),
+        )
+        .await
+        .unwrap();
+    assert_eq!(e, Enqueued::New("job-1".into()));
+
+    let c = ConsumerId::unique("test");
+    let got = q.claim(&c, 10, NO_BLOCK).await.unwrap();
+    assert_eq!(got.len(), 1);
+    let d = &got[0];
+    assert_eq!(d.job_id, "job-1");
+    assert_eq!(d.lane, Lane::Batch);
+    assert_eq!(d.priority, 3);
+    assert_eq!(d.payload, payload);
+    assert_eq!((d.attempt, d.deliveries), (1, 1));
+    assert!(d.enqueued_at_ms > 0);
+    assert!(d.last_error.is_none());
+    assert_eq!(d.stream(), q.stream_key(Lane::Batch, 3));
+
+    // In flight: pending, not ready, not claimable again.
+    let depth = q.depth().await.unwrap();
+    let batch = &depth[1];
+    assert_eq!((batch.ready, batch.pending), (0, 1));
+    assert!(q.claim(&c, 10, NO_BLOCK).await.unwrap().is_empty());
+
+    q.ack(d).await.unwrap();
+    q.ack(d).await.unwrap(); // idempotent
+    let mut conn = redis_conn(&s.redis.url()).await;
+    let len: u64 = conn.xlen(d.stream()).await.unwrap();
+    assert_eq!(len, 0, "acked entries are deleted from the stream");
+    for l in q.depth().await.unwrap() {
+        assert_eq!(
+            (l.ready, l.pending, l.delayed, l.dead),
+            (0, 0, 0, 0),
+            "{l:?}"
+        );
+        assert_eq!(l.lag, Some(0));
+    }
+}
+
+#[tokio::test]
+async fn enqueue_is_idempotent_by_job_id_with_a_ttl() {
+    let s = setup(&[]);
+    let q = &s.queue;
+    assert!(q.enqueue(job("a")).await.unwrap().is_new());
+    assert_eq!(
+        q.enqueue(job("a")).await.unwrap(),
+        Enqueued::Duplicate("a".into())
+    );
+    let many = q
+        .enqueue_many(vec![job("b"), job("a"), job("b")])
+        .await
+        .unwrap();
+    assert_eq!(
+        many,
+        vec![
+            Enqueued::New("b".into()),
+            Enqueued::Duplicate("a".into()),
+            Enqueued::Duplicate("b".into())
+        ]
+    );
+    let got = q
+        .claim(&ConsumerId::unique("t"), 10, NO_BLOCK)
+        .await
+        .unwrap();
+    let mut ids: Vec<_> = got.iter().map(|d| d.job_id.as_str()).collect();
+    ids.sort();
+    assert_eq!(ids, ["a", "b"]);
+
+    let mut conn = redis_conn(&s.redis.url()).await;
+    let ttl: i64 = conn.ttl(format!("{{{}:queue}}:job:a", s.ns)).await.unwrap();
+    assert!(ttl > 23 * 3600 && ttl <= 24 * 3600, "ttl {ttl}");
+    assert!(matches!(
+        q.enqueue(job("")).await,
+        Err(Error::InvalidJobId(_))
+    ));
+}
+
+#[tokio::test]
+async fn enqueue_many_is_one_script_call() {
+    let s = setup(&[]);
+    let q = &s.queue;
+    q.load_scripts().await.unwrap();
+    let mut conn = redis_conn(&s.redis.url()).await;
+    let calls = |per: &[(String, u64)], name: &str| {
+        per.iter().find(|(n, _)| n == name).map_or(0, |(_, c)| *c)
+    };
+    let (_, before) = command_calls(&mut conn).await;
+    let jobs: Vec<NewJob> = (0..500)
+        .map(|i| {
+            job(&format!("bulk-{i}")).lane(if i % 2 == 0 {
+                Lane::Batch
+            } else {
+                Lane::Interactive
+            })
+        })
+        .collect();
+    let out = q.enqueue_many(jobs).await.unwrap();
+    assert!(out.iter().all(Enqueued::is_new));
+    let (_, after) = command_calls(&mut conn).await;
+    let scripts = calls(&after, "evalsha") + calls(&after, "eval")
+        - calls(&before, "evalsha")
+        - calls(&before, "eval");
+    assert_eq!(scripts, 1, "one round trip for the whole batch");
+    // + one poke of the wake stream for the whole call
+    assert_eq!(calls(&after, "xadd") - calls(&before, "xadd"), 500 + 1);
+
+    let depth = q.depth().await.unwrap();
+    assert_eq!(depth.iter().map(|l| l.ready).sum::<u64>(), 500);
+    assert_eq!(depth.iter().map(|l| l.lag.unwrap()).sum::<u64>(), 500);
+    let c = ConsumerId::unique("t");
+    let mut seen = 0;
+    loop {
+        let got = q.claim(&c, 64, NO_BLOCK).await.unwrap();
+        assert!(got.len() <= 64);
+        if got.is_empty() {
+            break;
+        }
+        seen += got.len();
+        q.ack_many(&got).await.unwrap();
+    }
+    assert_eq!(seen, 500);
+}
+
+#[tokio::test]
+async fn interactive_before_batch_and_higher_priority_first() {
+    let s = setup(&[]);
+    let q = &s.queue;
+    q.enqueue_many(vec![
+        job("batch-9").lane(Lane::Batch).priority(9),
+        job("inter-1a").priority(1),
+        job("batch-200").lane(Lane::Batch).priority(200),
+        job("inter-5").priority(5),
+        job("inter-1b").priority(1),
+        job("batch-0").lane(Lane::Batch).priority(0),
+    ])
+    .await
+    .unwrap();
+    let c = ConsumerId::unique("t");
+    let mut order = Vec::new();
+    for _ in 0..6 {
+        let got = q.claim(&c, 1, NO_BLOCK).await.unwrap();
+        assert_eq!(got.len(), 1, "never more than max");
+        order.push(got[0].job_id.clone());
+    }
+    assert_eq!(
+        order,
+        [
+            "inter-5",
+            "inter-1a",
+            "inter-1b",
+            "batch-200",
+            "batch-9",
+            "batch-0"
+        ]
+    );
+    // A claim of several takes them in the same order.
+    q.enqueue_many(vec![
+        job("x-low").priority(0),
+        job("x-batch").lane(Lane::Batch).priority(255),
+        job("x-high").priority(7),
+    ])
+    .await
+    .unwrap();
+    let got = q.claim(&c, 2, NO_BLOCK).await.unwrap();
+    let ids: Vec<_> = got.iter().map(|d| d.job_id.as_str()).collect();
+    assert_eq!(ids, ["x-high", "x-low"]);
+}
+
+#[tokio::test]
+async fn a_blocking_claim_returns_a_job_enqueued_meanwhile() {
+    let s = setup(&[]);
+    let q = s.queue.clone();
+    let c = ConsumerId::unique("t");
+    // Make sure a stream exists first, then is drained.
+    q.enqueue(job("first")).await.unwrap();
+    let first = q.claim(&c, 1, NO_BLOCK).await.unwrap();
+    q.ack(&first[0]).await.unwrap();
+
+    let waiter = tokio::spawn({
+        let q = q.clone();
+        let c = c.clone();
+        async move {
+            let t = Instant::now();
+            let got = q.claim(&c, 5, Duration::from_secs(10)).await.unwrap();
+            (got, t.elapsed())
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // A brand-new stream (other lane and priority) must wake the blocked claim too.
+    q.enqueue(job("second").lane(Lane::Batch).priority(42))
+        .await
+        .unwrap();
+    let (got, waited) = waiter.await.unwrap();
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].job_id, "second");
+    assert!(waited < Duration::from_secs(5), "woke after {waited:?}");
+}
+
+#[tokio::test]
+async fn not_before_waits_in_the_delayed_set() {
+    let s = setup(&[]);
+    let q = &s.queue;
+    let at = SystemTime::now() + Duration::from_millis(400);
+    q.enqueue(job("later").not_before(at)).await.unwrap();
+    let c = ConsumerId::unique("t");
+    assert!(q.claim(&c, 1, NO_BLOCK).await.unwrap().is_empty());
+    assert_eq!(q.depth().await.unwrap()[0].delayed, 1);
+    let got = q.claim(&c, 1, Duration::from_secs(3)).await.unwrap();
+    assert_eq!(got.len(), 1);
+    assert!(SystemTime::now() >= at - Duration::from_millis(5));
+    assert_eq!(q.depth().await.unwrap()[0].delayed, 0);
+}
+
+#[tokio::test]
+async fn retry_backs_off_honours_retry_after_and_dead_letters_at_max_attempts() {
+    let s = setup(&[("FANOUT_QUEUE__MAX_ATTEMPTS", "3")]);
+    let q = &s.queue;
+    q.enqueue(job("flaky").lane(Lane::Batch)).await.unwrap();
+    let c = ConsumerId::unique("t");
+    let mut d = q.claim(&c, 1, NO_BLOCK).await.unwrap().remove(0);
+    for attempt in 1..=2u32 {
+        assert_eq!(d.attempt, attempt);
+        let asked = Duration::from_millis(300);
+        let before = SystemTime::now();
+        let out = q
+            .retry(&d, &format!("boom {attempt}"), Some(asked))
+            .await
+            .unwrap();
+        let RetryOutcome::Scheduled { at } = out else {
+            panic!("expected a retry, got {out:?}");
+        };
+        assert!(at.duration_since(before).unwrap() >= asked - Duration::from_millis(5));
+        assert!(
+            q.claim(&c, 1, NO_BLOCK).await.unwrap().is_empty(),
+            "not before retry_after"
+        );
+        let t = Instant::now();
+        d = q
+            .claim(&c, 1, Duration::from_secs(3))
+            .await
+            .unwrap()
+            .remove(0);
+        assert!(SystemTime::now() >= at - Duration::from_millis(5));
+        assert!(t.elapsed() < Duration::from_secs(2));
+        assert_eq!(
+            d.last_error.as_deref(),
+            Some(format!("boom {attempt}").as_str())
+        );
+    }
+    assert_eq!(d.attempt, 3);
+    assert_eq!(
+        q.retry(&d, "boom 3", None).await.unwrap(),
+        RetryOutcome::DeadLettered
+    );
+    let dead = q.dead_letters(10).await.unwrap();
+    assert_eq!(dead.len(), 1);
+    let dl = &dead[0];
+    assert_eq!(dl.job_id, "flaky");
+    assert_eq!(dl.lane, Lane::Batch);
+    assert_eq!(dl.attempts, 3);
+    assert_eq!(dl.last_error, "boom 3");
+    assert!(dl.reason.contains("attempts exhausted"), "{}", dl.reason);
+    assert_eq!(dl.payload, Some(serde_json::json!({"job": "flaky"})));
+    let depth = q.depth().await.unwrap();
+    assert_eq!(
+        (
+            depth[1].dead,
+            depth[1].pending,
+            depth[1].ready,
+            depth[1].delayed
+        ),
+        (1, 0, 0, 0)
+    );
+}
+
+#[tokio::test]
+async fn release_does_not_count_an_attempt_and_fatal_dead_letters() {
+    let s = setup(&[]);
+    let q = &s.queue;
+    q.enqueue_many(vec![job("r"), job("f")]).await.unwrap();
+    let c = ConsumerId::unique("t");
+    let got = q.claim(&c, 2, NO_BLOCK).await.unwrap();
+    let (r, f) = (&got[0], &got[1]);
+    q.release(r, Duration::ZERO).await.unwrap();
+    q.dead_letter(f, "bad template").await.unwrap();
+    let again = q.claim(&c, 2, Duration::from_secs(2)).await.unwrap();
+    assert_eq!(again.len(), 1);
+    assert_eq!((again[0].job_id.as_str(), again[0].attempt), ("r", 1));
+    let dead = q.dead_letters(10).await.unwrap();
+    assert_eq!(
+        (dead[0].job_id.as_str(), dead[0].reason.as_str()),
+        ("f", "bad template")
+    );
+    // Settling something no longer held is refused, not applied twice.
+    assert!(matches!(
+        q.release(r, Duration::ZERO).await,
+        Err(Error::Lost { .. })
+    ));
+}
+
+#[tokio::test]
+async fn idle_jobs_are_reclaimed_and_the_old_holder_loses_them() {
+    // visibility 1 s
+    let s = setup(&[("FANOUT_QUEUE__MAX_DELIVERIES", "2")]);
+    let url = s.redis.url();
+    let a = Queue::new(common::pool(&url), &s.ns, s.config.queue.clone());
+    let b = Queue::new(common::pool(&url), &s.ns, s.config.queue.clone());
+    a.enqueue(job("j")).await.unwrap();
+    let (ca, cb) = (ConsumerId::unique("a"), ConsumerId::unique("b"));
+    let da = a.claim(&ca, 1, NO_BLOCK).await.unwrap().remove(0);
+
+    // Heartbeats keep it: b cannot take it even after the visibility timeout.
+    for _ in 0..4 {
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        assert!(a.extend(&da).await.unwrap());
+        assert!(b.claim(&cb, 1, NO_BLOCK).await.unwrap().is_empty());
+    }
+    // a stops heartbeating: b reclaims within about the visibility timeout.
+    let t = Instant::now();
+    let db = loop {
+        let got = b.claim(&cb, 1, Duration::from_millis(200)).await.unwrap();
+        if let Some(d) = got.into_iter().next() {
+            break d;
+        }
+        assert!(t.elapsed() < Duration::from_secs(3), "not reclaimed");
+    };
+    assert_eq!((db.job_id.as_str(), db.attempt, db.deliveries), ("j", 1, 2));
+    assert!(!a.extend(&da).await.unwrap(), "the old holder lost it");
+    assert!(matches!(
+        a.retry(&da, "late", None).await,
+        Err(Error::Lost { .. })
+    ));
+
+    // b dies too: a third delivery exceeds max_deliveries (2) and goes to the dead letter.
+    let t = Instant::now();
+    loop {
+        let got = a.claim(&ca, 1, Duration::from_millis(200)).await.unwrap();
+        assert!(got.is_empty(), "a delivery beyond the limit must not run");
+        if a.depth().await.unwrap()[0].dead == 1 {
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(4), "not dead-lettered");
+    }
+    let dead = a.dead_letters(1).await.unwrap();
+    assert_eq!(dead[0].reason, "delivery limit: worker died 2 times");
+    assert_eq!(dead[0].job_id, "j");
+}
+
+#[tokio::test]
+async fn undecodable_entries_are_dead_lettered_by_claim() {
+    let s = setup(&[]);
+    let q = &s.queue;
+    q.enqueue(job("good-1")).await.unwrap();
+    let stream = q.stream_key(Lane::Interactive, 0);
+    let mut conn = redis_conn(&s.redis.url()).await;
+    let _: String = conn.xadd(&stream, "*", &[("garbage", "1")]).await.unwrap();
+    let _: String = conn
+        .xadd(
+            &stream,
+            "*",
+            &[("id", "bad-json"), ("p", "{nope"), ("a", "1"), ("t", "1")],
+        )
+        .await
+        .unwrap();
+    q.enqueue(job("good-2")).await.unwrap();
+    let got = q
+        .claim(&ConsumerId::unique("t"), 10, NO_BLOCK)
+        .await
+        .unwrap();
+    let ids: Vec<_> = got.iter().map(|d| d.job_id.as_str()).collect();
+    assert_eq!(ids, ["good-1", "good-2"]);
+    let dead = q.dead_letters(10).await.unwrap();
+    assert_eq!(dead.len(), 2);
+    assert!(
+        dead.iter().all(|d| d.reason.starts_with("decode error: ")),
+        "{dead:?}"
+    );
+    assert!(
+        dead.iter()
+            .any(|d| d.job_id == "bad-json" && d.raw_payload == "{nope")
+    );
+}
+
+#[tokio::test]
+async fn remove_drops_ready_and_delayed_jobs() {
+    let s = setup(&[]);
+    let q = &s.queue;
+    q.enqueue_many(vec![
+        job("keep"),
+        job("drop-ready"),
+        job("drop-delayed").not_before(SystemTime::now() + Duration::from_secs(60)),
+        job("inflight").lane(Lane::Batch),
+    ])
+    .await
+    .unwrap();
+    let c = ConsumerId::unique("t");
+    let held = q.claim(&c, 1, NO_BLOCK).await.unwrap(); // "keep"
+    assert_eq!(held[0].job_id, "keep");
+    let n = q
+        .remove(&["drop-ready".into(), "drop-delayed".into(), "missing".into()])
+        .await
+        .unwrap();
+    assert_eq!(n, 2);
+    let rest = q.claim(&c, 10, NO_BLOCK).await.unwrap();
+    let ids: Vec<_> = rest.iter().map(|d| d.job_id.as_str()).collect();
+    assert_eq!(ids, ["inflight"]);
+    let depth = q.depth().await.unwrap();
+    assert_eq!(depth[0].delayed, 0);
+    // A removed job id stays taken for the idempotency TTL.
+    assert!(!q.enqueue(job("drop-ready")).await.unwrap().is_new());
+}
+
+#[tokio::test]
+async fn depth_reports_lag_and_oldest_ready_age() {
+    let s = setup(&[]);
+    let q = &s.queue;
+    q.enqueue_many(
+        (0..5)
+            .map(|i| job(&format!("d{i}")).lane(Lane::Batch).priority(i))
+            .collect(),
+    )
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let c = ConsumerId::unique("t");
+    q.claim(&c, 2, NO_BLOCK).await.unwrap();
+    let depth = q.depth().await.unwrap();
+    let b = &depth[1];
+    assert_eq!((b.ready, b.pending, b.lag), (3, 2, Some(3)));
+    assert!(b.oldest_ready_age.unwrap() >= Duration::from_millis(40));
+    assert_eq!(b.by_priority.len(), 5);
+    assert_eq!(depth[0].oldest_ready_age, None);
+    let streams = q.streams().await.unwrap();
+    assert_eq!(streams.len(), 5);
+    assert_eq!(streams[0], q.stream_key(Lane::Batch, 4));
+}
+
+#[tokio::test]
+async fn a_claimer_blocked_elsewhere_wakes_for_a_delayed_job_when_it_is_due() {
+    // visibility 30 s: no reclaim timer shortens the wait, only the wake stream can.
+    let s = setup(&[("FANOUT_QUEUE__VISIBILITY_TIMEOUT_SECS", "30")]);
+    let producer = &s.queue;
+    let worker = Queue::new(common::pool(&s.redis.url()), &s.ns, s.config.queue.clone());
+    producer.enqueue(job("warm")).await.unwrap();
+    let c = ConsumerId::unique("t");
+    let warm = worker.claim(&c, 1, NO_BLOCK).await.unwrap();
+    worker.ack(&warm[0]).await.unwrap();
+
+    let blocked = tokio::spawn({
+        let worker = worker.clone();
+        async move {
+            let got = worker.claim(&c, 1, Duration::from_secs(10)).await.unwrap();
+            (got, SystemTime::now())
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let due = SystemTime::now() + Duration::from_millis(500);
+    producer
+        .enqueue(job("delayed").not_before(due))
+        .await
+        .unwrap();
+    let (got, at) = blocked.await.unwrap();
+    assert_eq!(got[0].job_id, "delayed");
+    assert!(
+        at >= due - Duration::from_millis(5),
+        "not before it was due"
+    );
+    assert!(
+        at < due + Duration::from_secs(2),
+        "woke {:?} late",
+        at.duration_since(due)
+    );
+}

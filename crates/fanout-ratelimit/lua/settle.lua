@@ -1,0 +1,43 @@
+-- settle.lua: after the call, release its concurrency lease and settle its tokens to the real
+-- usage. Idempotent: the token difference is applied only by the call that removes the lease, so
+-- a retried settle (or one after the lease expired) changes nothing.
+--
+-- A refund moves the token TAT back by the refund's weight, never before now (the bucket never
+-- holds more than its burst); an extra charge moves it forward (debt that later requests wait
+-- out, as the provider will make them).
+--
+-- KEYS[1]  leases ZSET: lease id -> expiry (ms)
+-- KEYS[2]  bucket HASH of the (key, family) that admitted the request: rtat, ttat, paused
+-- ARGV[1]  lease id
+-- ARGV[2]  token difference to apply: actual - estimate (negative = refund, 0 = none)
+-- ARGV[3]  tokens per minute
+-- Returns: 1 if the lease was released by this call (and the difference applied), else 0
+
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
+
+local removed = redis.call('ZREM', KEYS[1], ARGV[1])
+if removed == 0 then
+  return 0
+end
+
+local delta = tonumber(ARGV[2])
+if delta ~= 0 then
+  local weight = delta / (tonumber(ARGV[3]) / 60000)
+  local ttat = tonumber(redis.call('HGET', KEYS[2], 'ttat')) or 0
+  local new_t
+  if weight > 0 then
+    new_t = math.max(ttat, now) + weight
+  elseif ttat > now then
+    new_t = math.max(ttat + weight, now)
+  end
+  if new_t then
+    redis.call('HSET', KEYS[2], 'ttat', string.format('%.3f', new_t))
+    local ttl = redis.call('PTTL', KEYS[2])
+    local need = math.ceil(new_t - now + 60000)
+    if ttl < need then
+      redis.call('PEXPIRE', KEYS[2], need)
+    end
+  end
+end
+return 1

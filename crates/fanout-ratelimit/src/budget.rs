@@ -1,0 +1,649 @@
+//! The shared budget: admission, settlement, provider feedback and snapshots.
+
+use std::collections::BTreeSet;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use deadpool_redis::Pool;
+use fanout_core::config::{BudgetConfig, ModelLimits, model_family};
+use rand::Rng as _;
+use redis::Value;
+use tracing::{debug, info};
+
+use crate::error::{Error, Result};
+use crate::keeper::{Chore, Keeper};
+use crate::keys::Keys;
+use crate::redis_conn::{Redis, SCRIPTS, array, float, int, text};
+use crate::stats::BudgetStats;
+
+/// How far inside the provider's schedule ours runs: jitter up to this long between our admission
+/// and the provider seeing the request cannot earn a 429. Costs `skew × rate` of the first burst
+/// and nothing in steady state (for limits above one request per `burst_seconds + skew`).
+pub const SKEW_ALLOWANCE: Duration = Duration::from_millis(50);
+/// How long past its predicted turn a silent waiter keeps its place in the waiting room.
+const WAITER_GRACE_MS: u64 = 1_000;
+/// Concurrency waits poll (releases are not scheduled): this times the place in line, capped at 20×.
+const CONCURRENCY_POLL_MS: u64 = 10;
+/// Waiters ahead that one admission plays through, at most.
+const AHEAD_LIMIT: u64 = 512;
+/// A provider's `remaining` is news only when it is this share of the burst below our view.
+const REMAINING_TOLERANCE: f64 = 0.5;
+/// Pause after a 429 that carried neither retry-after nor a usable reset.
+const DEFAULT_PAUSE: Duration = Duration::from_secs(1);
+
+/// What a caller wants admitted.
+#[derive(Debug, Clone)]
+pub struct AcquireRequest {
+    /// The model the call will use; its family selects the budget.
+    pub model: String,
+    /// Tokens the call may use: prompt + `max_tokens` (from fanout-llm's estimate).
+    pub estimated_tokens: u64,
+    /// Higher goes first when the budget binds.
+    pub priority: u8,
+    /// When the work was enqueued (ms since the epoch): older first at equal priority.
+    pub enqueued_at_ms: u64,
+    /// Give up (with [`Error::WaitTooLong`]) rather than wait longer than this.
+    pub max_wait: Duration,
+}
+
+impl AcquireRequest {
+    /// The same request at `priority` (higher first under scarcity).
+    pub fn with_priority(mut self, priority: u8) -> Self {
+        self.priority = priority;
+        self
+    }
+
+    /// The same request, waiting at most `max_wait`.
+    pub fn with_max_wait(mut self, max_wait: Duration) -> Self {
+        self.max_wait = max_wait;
+        self
+    }
+
+    /// The same request, ordered as enqueued at `enqueued_at_ms` (ms since the epoch).
+    pub fn with_enqueued_at_ms(mut self, enqueued_at_ms: u64) -> Self {
+        self.enqueued_at_ms = enqueued_at_ms;
+        self
+    }
+}
+
+/// An admitted request. Holds a cluster-wide concurrency lease, renewed in the background while
+/// this value lives; [`Budget::settle`] releases it, and so does dropping it (best effort).
+#[derive(Debug)]
+pub struct Admission {
+    /// Name of the API key to call with.
+    pub key: String,
+    /// The model family whose budget was charged.
+    pub family: String,
+    /// Tokens charged up front.
+    pub estimated_tokens: u64,
+    /// Time spent waiting for budget.
+    pub waited: Duration,
+    /// When the budget admitted the request (ms since the epoch, Redis clock).
+    pub admitted_at_ms: u64,
+    lease: Option<Lease>,
+}
+
+impl Admission {
+    /// The lease id (also the waiter id used while waiting).
+    pub fn lease_id(&self) -> &str {
+        self.lease.as_ref().map(|l| l.id.as_str()).unwrap_or("")
+    }
+}
+
+/// What the provider said about a key: from a 429, or `x-ratelimit-*` headers of any response.
+#[derive(Debug, Clone, Default)]
+pub struct ProviderSignal {
+    pub retry_after: Option<Duration>,
+    pub remaining_requests: Option<u64>,
+    pub remaining_tokens: Option<u64>,
+    pub reset_requests: Option<Duration>,
+    pub reset_tokens: Option<Duration>,
+    pub status: u16,
+}
+
+/// The state of one (key, family) budget, for metrics.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BudgetSnapshot {
+    pub key: String,
+    pub family: String,
+    pub requests_per_minute: u64,
+    pub tokens_per_minute: u64,
+    /// Requests that could start now (negative: debt).
+    pub requests_available: f64,
+    /// Tokens that could be taken now (negative: debt from an under-estimate or a big request).
+    pub tokens_available: f64,
+    /// How long the provider asked us to hold off, if it did and the time is not over.
+    pub paused_for: Option<Duration>,
+    /// Concurrency leases held across the cluster (all keys and families).
+    pub leases_in_use: u64,
+    pub max_concurrent_requests: u32,
+    /// Waiters in this family's waiting room.
+    pub waiters: u64,
+}
+
+/// The budget that every worker process shares through Redis. Cheap to clone.
+#[derive(Clone)]
+pub struct Budget {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    redis: Arc<Redis>,
+    keys: Keys,
+    namespace: String,
+    config: BudgetConfig,
+    key_names: Vec<String>,
+    stats: Arc<BudgetStats>,
+    families: Mutex<BTreeSet<String>>,
+    keeper: Keeper,
+    skew: Duration,
+}
+
+impl std::fmt::Debug for Budget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Budget")
+            .field("namespace", &self.inner.namespace)
+            .field("keys", &self.inner.key_names)
+            .field("config", &self.inner.config)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The lease half of an admission: releases itself when dropped unsettled.
+struct Lease {
+    id: String,
+    family: String,
+    budget: Arc<Inner>,
+    bucket_key: String,
+}
+
+impl std::fmt::Debug for Lease {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Lease").field("id", &self.id).finish()
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        if self.budget.keeper.drop_lease(&self.id) {
+            debug!(lease = %self.id, "budget admission dropped without settle, releasing its lease");
+            self.budget.keeper.send(Chore::Leave {
+                family: self.family.clone(),
+                id: self.id.clone(),
+            });
+        }
+    }
+}
+
+/// A place in the waiting room, given up when an acquire is cancelled.
+struct Waiter<'a> {
+    id: String,
+    family: &'a str,
+    budget: &'a Inner,
+    armed: bool,
+}
+
+impl Drop for Waiter<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            self.budget.keeper.send(Chore::Leave {
+                family: self.family.to_owned(),
+                id: self.id.clone(),
+            });
+        }
+    }
+}
+
+enum Reply {
+    Admitted { key_index: usize, now_ms: f64 },
+    Wait { wait: Duration, reason: String },
+}
+
+impl Budget {
+    /// A budget over `key_names` (the names of the provider keys; their secrets never reach
+    /// Redis), with keys under `namespace`.
+    pub fn new(pool: Pool, namespace: &str, config: BudgetConfig, key_names: Vec<String>) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                redis: Arc::new(Redis::new(pool)),
+                keys: Keys::new(namespace),
+                namespace: namespace.to_owned(),
+                config,
+                key_names,
+                stats: Arc::default(),
+                families: Mutex::default(),
+                keeper: Keeper::new(),
+                skew: SKEW_ALLOWANCE,
+            }),
+        }
+    }
+
+    /// The same budget with another skew allowance (default [`SKEW_ALLOWANCE`]): how much jitter
+    /// between our admission and the provider seeing the request is tolerated without a 429.
+    /// Every process sharing the budget should use the same value. Call before cloning.
+    ///
+    /// # Panics
+    /// If the budget was already cloned.
+    pub fn with_skew_allowance(mut self, skew: Duration) -> Self {
+        Arc::get_mut(&mut self.inner)
+            .expect("with_skew_allowance is called before the budget is cloned")
+            .skew = skew;
+        self
+    }
+
+    /// A request for `model` and `estimated_tokens` at priority 0, enqueued now, waiting at most
+    /// `max_wait_secs` from the config.
+    pub fn request(&self, model: &str, estimated_tokens: u64) -> AcquireRequest {
+        AcquireRequest {
+            model: model.to_owned(),
+            estimated_tokens,
+            priority: 0,
+            enqueued_at_ms: unix_ms(),
+            max_wait: Duration::from_secs(self.inner.config.max_wait_secs),
+        }
+    }
+
+    /// This process's counters.
+    pub fn stats(&self) -> Arc<BudgetStats> {
+        self.inner.stats.clone()
+    }
+
+    /// The configuration the budget runs with.
+    pub fn config(&self) -> &BudgetConfig {
+        &self.inner.config
+    }
+
+    /// Wait until one request and `estimated_tokens` fit the budget of some key for the model's
+    /// family, in waiting-room order, and a cluster-wide concurrency lease is free. Sleeps the
+    /// time the script predicts (plus a little jitter), never polls the budget in a loop. Gives
+    /// up with [`Error::WaitTooLong`] as soon as the predicted wait would pass `max_wait`.
+    pub async fn acquire(&self, req: AcquireRequest) -> Result<Admission> {
+        let inner = &*self.inner;
+        if inner.key_names.is_empty() {
+            return Err(Error::NoKeys);
+        }
+        inner.keeper.ensure_started(
+            &inner.redis,
+            &inner.keys,
+            Duration::from_secs(inner.config.lease_secs),
+        );
+        let family = model_family(&req.model).to_owned();
+        {
+            let mut families = inner.families.lock().expect("families");
+            if !families.contains(&family) {
+                families.insert(family.clone());
+            }
+        }
+        let limits = inner.config.limits_for(&req.model);
+        let started = Instant::now();
+        let mut waiter = Waiter {
+            id: uuid::Uuid::new_v4().simple().to_string(),
+            family: &family,
+            budget: inner,
+            armed: true,
+        };
+        let mut waited_once = false;
+        let score = order_score(req.priority, req.enqueued_at_ms);
+        let bucket_keys: Vec<String> = inner
+            .key_names
+            .iter()
+            .map(|k| inner.keys.bucket(k, &family))
+            .collect();
+        let tokens = req.estimated_tokens.max(1);
+        loop {
+            let mut inv = SCRIPTS.acquire.prepare_invoke();
+            inv.key(inner.keys.leases())
+                .key(inner.keys.room(&family))
+                .key(inner.keys.room_expiry(&family))
+                .key(inner.keys.room_cost(&family))
+                .key(&bucket_keys)
+                .arg(&waiter.id)
+                .arg(score)
+                .arg(tokens)
+                .arg(limits.requests_per_minute.max(1))
+                .arg(limits.tokens_per_minute.max(1))
+                .arg(burst_ms(&inner.config))
+                .arg(inner.skew.as_secs_f64() * 1000.0)
+                .arg(inner.config.max_concurrent_requests)
+                .arg(inner.config.lease_secs * 1000)
+                .arg(WAITER_GRACE_MS)
+                .arg(CONCURRENCY_POLL_MS)
+                .arg(AHEAD_LIMIT);
+            let reply = parse_acquire(inner.redis.run(&inv).await?)?;
+            match reply {
+                Reply::Admitted { key_index, now_ms } => {
+                    waiter.armed = false;
+                    let waited = started.elapsed();
+                    let key = inner.key_names[key_index].clone();
+                    inner.keeper.hold(&waiter.id);
+                    BudgetStats::add(&inner.stats.admissions, 1);
+                    if waited_once {
+                        BudgetStats::add(&inner.stats.wait_micros, waited.as_micros() as u64);
+                    }
+                    return Ok(Admission {
+                        lease: Some(Lease {
+                            id: waiter.id.clone(),
+                            family: family.clone(),
+                            budget: self.inner.clone(),
+                            bucket_key: bucket_keys[key_index].clone(),
+                        }),
+                        key,
+                        family: family.clone(),
+                        estimated_tokens: tokens,
+                        waited,
+                        admitted_at_ms: now_ms as u64,
+                    });
+                }
+                Reply::Wait { wait, reason } => {
+                    if !waited_once {
+                        waited_once = true;
+                        BudgetStats::add(&inner.stats.waits, 1);
+                    }
+                    let elapsed = started.elapsed();
+                    if elapsed + wait > req.max_wait {
+                        waiter.armed = false;
+                        self.leave(&family, &waiter.id).await?;
+                        BudgetStats::add(&inner.stats.wait_too_long, 1);
+                        BudgetStats::add(&inner.stats.wait_micros, elapsed.as_micros() as u64);
+                        debug!(
+                            family,
+                            reason,
+                            wait_ms = wait.as_millis() as u64,
+                            "budget wait too long, giving up"
+                        );
+                        return Err(Error::WaitTooLong { retry_after: wait });
+                    }
+                    tokio::time::sleep(with_jitter(wait)).await;
+                }
+            }
+        }
+    }
+
+    async fn leave(&self, family: &str, id: &str) -> Result<()> {
+        let keys = &self.inner.keys;
+        let mut inv = SCRIPTS.leave.prepare_invoke();
+        inv.key(keys.room(family))
+            .key(keys.room_expiry(family))
+            .key(keys.room_cost(family))
+            .key(keys.leases())
+            .arg(id);
+        self.inner.redis.run(&inv).await?;
+        Ok(())
+    }
+
+    /// After the call: release the lease and settle the tokens. With `actual_tokens` (prompt +
+    /// completion, as the provider reported) above the estimate, the difference is charged (the
+    /// provider charged it too); below it, the difference is refunded if `refund_unused_tokens`
+    /// (never past a full bucket). `None` (no usage known, e.g. a failed call) keeps the estimate
+    /// charged. Settling twice, or after the lease expired, changes nothing.
+    pub async fn settle(&self, mut admission: Admission, actual_tokens: Option<u64>) -> Result<()> {
+        let Some(lease) = admission.lease.take() else {
+            return Ok(());
+        };
+        let inner = &*self.inner;
+        let delta: i64 = match actual_tokens {
+            Some(actual) => {
+                let d = actual as i64 - admission.estimated_tokens as i64;
+                if d < 0 && !inner.config.refund_unused_tokens {
+                    0
+                } else {
+                    d
+                }
+            }
+            None => 0,
+        };
+        let limits = inner.config.limits_for(&admission.family);
+        let mut inv = SCRIPTS.settle.prepare_invoke();
+        inv.key(inner.keys.leases())
+            .key(&lease.bucket_key)
+            .arg(&lease.id)
+            .arg(delta)
+            .arg(limits.tokens_per_minute.max(1));
+        let result = inner.redis.run(&inv).await;
+        if result.is_ok() {
+            // Released: the drop must not release it again.
+            inner.keeper.drop_lease(&lease.id);
+        }
+        drop(lease);
+        result.map(|_| ())
+    }
+
+    /// What the provider said about `key` for `model`: a 429 (or any retry-after) pauses that
+    /// budget for every process until the time is over; `remaining` headers well below our own
+    /// view lower what the budget thinks is available. Returns once Redis has it.
+    pub async fn feedback(&self, key: &str, model: &str, signal: ProviderSignal) -> Result<()> {
+        let inner = &*self.inner;
+        if !inner.key_names.iter().any(|k| k == key) {
+            return Err(Error::UnknownKey(key.to_owned()));
+        }
+        let family = model_family(model);
+        let limits = inner.config.limits_for(model);
+        let is_429 = signal.status == 429;
+        if is_429 {
+            BudgetStats::add(&inner.stats.feedback_429, 1);
+        }
+        let pause = pause_for(&signal);
+        let fraction = |remaining: Option<u64>, limit: u64| {
+            remaining.map_or(-1.0, |r| (r as f64 / limit.max(1) as f64).min(1.0))
+        };
+        let ms = |d: Option<Duration>| d.map_or(-1.0, |d| d.as_secs_f64() * 1000.0);
+        let mut inv = SCRIPTS.feedback.prepare_invoke();
+        inv.key(inner.keys.bucket(key, family))
+            .arg(pause.map_or(0, |p| p.as_millis() as u64))
+            .arg(fraction(
+                signal.remaining_requests,
+                limits.requests_per_minute,
+            ))
+            .arg(fraction(signal.remaining_tokens, limits.tokens_per_minute))
+            .arg(ms(signal.reset_requests))
+            .arg(ms(signal.reset_tokens))
+            .arg(burst_ms(&inner.config))
+            .arg(REMAINING_TOLERANCE)
+            .arg(u8::from(is_429));
+        let reply = array(inner.redis.run(&inv).await?).ok_or_else(|| Error::Reply {
+            script: "feedback",
+            detail: "expected an array".into(),
+        })?;
+        let flags: Vec<i64> = reply.iter().map(|v| int(v).unwrap_or(0)).collect();
+        if flags.contains(&1) {
+            BudgetStats::add(&inner.stats.pauses_applied, 1);
+            info!(
+                key,
+                family,
+                status = signal.status,
+                paused_ms = pause.map(|p| p.as_millis() as u64),
+                lowered_requests = flags.get(1) == Some(&1),
+                lowered_tokens = flags.get(2) == Some(&1),
+                "budget held back on provider feedback"
+            );
+        }
+        Ok(())
+    }
+
+    /// Per (key, family) — families named in the config plus those this process has used — the
+    /// limits, what is available now, any pause, leases in use and waiters.
+    pub async fn snapshot(&self) -> Result<Vec<BudgetSnapshot>> {
+        let inner = &*self.inner;
+        let mut families: BTreeSet<String> = inner.config.models.keys().cloned().collect();
+        families.extend(inner.families.lock().expect("families").iter().cloned());
+        let families: Vec<String> = families.into_iter().collect();
+        let pairs: Vec<(&String, &String)> = inner
+            .key_names
+            .iter()
+            .flat_map(|k| families.iter().map(move |f| (k, f)))
+            .collect();
+        if pairs.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut inv = SCRIPTS.snapshot.prepare_invoke();
+        inv.key(inner.keys.leases());
+        for (k, f) in &pairs {
+            inv.key(inner.keys.bucket(k, f));
+        }
+        for f in &families {
+            inv.key(inner.keys.room_expiry(f));
+        }
+        inv.arg(pairs.len());
+        let bad = |detail: &str| Error::Reply {
+            script: "snapshot",
+            detail: detail.to_owned(),
+        };
+        let reply = array(inner.redis.run(&inv).await?).ok_or_else(|| bad("expected an array"))?;
+        if reply.len() != 2 + pairs.len() + families.len() {
+            return Err(bad("wrong length"));
+        }
+        let now = float(&reply[0]).ok_or_else(|| bad("now"))?;
+        let leases = int(&reply[1]).unwrap_or(0).max(0) as u64;
+        let burst = burst_ms(&inner.config);
+        let mut out = Vec::with_capacity(pairs.len());
+        for (i, (key, family)) in pairs.iter().enumerate() {
+            let state = array(reply[2 + i].clone()).unwrap_or_default();
+            let field = |j: usize| state.get(j).and_then(float).unwrap_or(0.0);
+            let (rtat, ttat, paused) = (field(0), field(1), field(2));
+            let limits: ModelLimits = inner.config.limits_for(family);
+            let available = |tat: f64, per_minute: u64| {
+                (burst - (tat - now).max(0.0)) * per_minute as f64 / 60_000.0
+            };
+            let family_index = families.iter().position(|f| f == *family).unwrap_or(0);
+            out.push(BudgetSnapshot {
+                key: (*key).clone(),
+                family: (*family).clone(),
+                requests_per_minute: limits.requests_per_minute,
+                tokens_per_minute: limits.tokens_per_minute,
+                requests_available: available(rtat, limits.requests_per_minute),
+                tokens_available: available(ttat, limits.tokens_per_minute),
+                paused_for: (paused > now)
+                    .then(|| Duration::from_secs_f64((paused - now) / 1000.0)),
+                leases_in_use: leases,
+                max_concurrent_requests: inner.config.max_concurrent_requests,
+                waiters: int(&reply[2 + pairs.len() + family_index])
+                    .unwrap_or(0)
+                    .max(0) as u64,
+            });
+        }
+        Ok(out)
+    }
+}
+
+fn parse_acquire(v: Value) -> Result<Reply> {
+    let bad = |detail: &str| Error::Reply {
+        script: "acquire",
+        detail: detail.to_owned(),
+    };
+    let items = array(v).ok_or_else(|| bad("expected an array"))?;
+    match items.first().and_then(int) {
+        Some(1) => {
+            let index = items.get(1).and_then(int).ok_or_else(|| bad("key index"))?;
+            let now_ms = items.get(2).and_then(float).ok_or_else(|| bad("now"))?;
+            Ok(Reply::Admitted {
+                key_index: usize::try_from(index - 1).map_err(|_| bad("key index"))?,
+                now_ms,
+            })
+        }
+        Some(0) => {
+            let wait = items.get(1).and_then(int).ok_or_else(|| bad("wait"))?;
+            let reason = items.get(2).and_then(text).unwrap_or("budget").to_owned();
+            Ok(Reply::Wait {
+                wait: Duration::from_millis(wait.max(1) as u64),
+                reason,
+            })
+        }
+        _ => Err(bad("expected 0 or 1 first")),
+    }
+}
+
+/// Sorts ascending: higher priority first, then older first.
+fn order_score(priority: u8, enqueued_at_ms: u64) -> u64 {
+    const SPAN: u64 = 1 << 41; // ms since the epoch fit until the year 2039
+    u64::from(255 - priority) * SPAN + enqueued_at_ms.min(SPAN - 1)
+}
+
+fn burst_ms(config: &BudgetConfig) -> f64 {
+    config.burst_seconds * 1000.0
+}
+
+/// A little later rather than earlier: waking late costs nothing while the burst absorbs it,
+/// waking early costs a round trip; the spread keeps waiters with equal waits apart.
+fn with_jitter(wait: Duration) -> Duration {
+    let max = (wait / 10).min(Duration::from_millis(5));
+    let extra = rand::rng().random_range(0..=max.as_micros() as u64);
+    wait + Duration::from_micros(extra)
+}
+
+fn pause_for(signal: &ProviderSignal) -> Option<Duration> {
+    if let Some(r) = signal.retry_after {
+        return Some(r);
+    }
+    if signal.status != 429 {
+        return None;
+    }
+    let exhausted = [
+        (signal.remaining_requests, signal.reset_requests),
+        (signal.remaining_tokens, signal.reset_tokens),
+    ]
+    .into_iter()
+    .filter(|(remaining, _)| *remaining == Some(0))
+    .filter_map(|(_, reset)| reset)
+    .max();
+    Some(exhausted.unwrap_or(DEFAULT_PAUSE))
+}
+
+fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn higher_priority_then_older_sorts_first() {
+        assert!(order_score(5, 2_000) < order_score(0, 1_000));
+        assert!(order_score(3, 1_000) < order_score(3, 1_001));
+        assert!(order_score(255, u64::MAX) < order_score(254, 0));
+        // Exact in a double (Redis scores are doubles).
+        let s = order_score(0, 1_800_000_000_000);
+        assert_eq!(s as f64 as u64, s);
+    }
+
+    #[test]
+    fn pause_comes_from_retry_after_then_the_exhausted_reset() {
+        let s = ProviderSignal {
+            status: 429,
+            retry_after: Some(Duration::from_secs(2)),
+            ..Default::default()
+        };
+        assert_eq!(pause_for(&s), Some(Duration::from_secs(2)));
+        let s = ProviderSignal {
+            status: 429,
+            remaining_requests: Some(0),
+            reset_requests: Some(Duration::from_millis(300)),
+            remaining_tokens: Some(10),
+            reset_tokens: Some(Duration::from_secs(9)),
+            ..Default::default()
+        };
+        assert_eq!(pause_for(&s), Some(Duration::from_millis(300)));
+        let s = ProviderSignal {
+            status: 429,
+            ..Default::default()
+        };
+        assert_eq!(pause_for(&s), Some(DEFAULT_PAUSE));
+        let s = ProviderSignal {
+            status: 200,
+            remaining_requests: Some(0),
+            ..Default::default()
+        };
+        assert_eq!(pause_for(&s), None);
+    }
+
+    #[test]
+    fn jitter_only_adds_a_little() {
+        for ms in [0, 1, 30, 100, 10_000] {
+            let d = Duration::from_millis(ms);
+            let j = with_jitter(d);
+            assert!(j >= d && j <= d + Duration::from_millis(5), "{ms}: {j:?}");
+        }
+    }
+}

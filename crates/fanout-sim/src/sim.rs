@@ -1,0 +1,415 @@
+//! The provider's decisions: what each request gets, and the books kept about it.
+//!
+//! A chat request goes through these steps, in order; the first that refuses it answers:
+//!
+//! 1. no bearer token → 401 (counted as `unauthenticated`, outside any key);
+//! 2. unparsable JSON, no messages, `max_tokens` 0, unknown marker → 400;
+//! 3. `[sim:error=N]` → N; `[sim:context_length]` or prompt + `max_tokens` above
+//!    `context_window` → 400 `context_length_exceeded`;
+//! 4. `[sim:quota]` or a `quota_rate` draw → 429 `insufficient_quota`;
+//! 5. the key's rate limits → 429 `rate_limit_exceeded`;
+//! 6. admitted: the request and prompt + `max_tokens` tokens are charged, then `[sim:fail]`,
+//!    `[sim:fail_first=N]` or a `fail_rate` draw → 500 after the time to first token;
+//!    `[sim:hang]` or `hang_rate` → no answer; `[sim:truncate]` or `truncate_rate` → a cut body;
+//!    otherwise the answer.
+//!
+//! Refusals before step 6 charge nothing, like a provider that validates and checks billing
+//! before metering; everything admitted stays charged, even when it then fails, because a real
+//! provider has spent the capacity by then.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Instant;
+
+use rand::SeedableRng as _;
+use rand::rngs::StdRng;
+use tokio_util::sync::CancellationToken;
+
+use crate::Result;
+use crate::api::{ApiError, ChatRequest, Completion};
+use crate::config::SimConfig;
+use crate::content::{self, Answer};
+use crate::faults::{FailFirst, Markers, RandomFault};
+use crate::latency::Timing;
+use crate::limits::{Cost, Dimension, KeyLimiter, RateHeaders, Refusal};
+use crate::stats::{self, KeyStats, Outcome, SimStats, Tally};
+
+/// One simulated provider: its config and all its mutable state (limits, counters, random
+/// draws). Cheap to clone; clones share the state. Serve it with [`crate::router`].
+#[derive(Debug, Clone)]
+pub struct Sim {
+    shared: Arc<Shared>,
+}
+
+#[derive(Debug)]
+struct Shared {
+    config: SimConfig,
+    shutdown: CancellationToken,
+    next_id: AtomicU64,
+    state: Mutex<State>,
+}
+
+#[derive(Debug)]
+struct State {
+    rng: StdRng,
+    keys: HashMap<String, KeyState>,
+    totals: Tally,
+    unauthenticated: u64,
+    fail_first: FailFirst,
+}
+
+#[derive(Debug)]
+struct KeyState {
+    rpm: u64,
+    tpm: u64,
+    limiter: KeyLimiter,
+    tally: Tally,
+}
+
+/// What to answer to one request, and the rate-limit headers to send with it.
+#[derive(Debug)]
+pub(crate) struct Decision {
+    pub(crate) rate: RateHeaders,
+    pub(crate) plan: Plan,
+}
+
+#[derive(Debug)]
+pub(crate) enum Plan {
+    /// Answer with this error at once.
+    Error(ApiError),
+    /// Answer 500 once the first token would have come.
+    FailAfter(Timing),
+    /// Never answer.
+    Hang,
+    Reply(Box<Reply>),
+}
+
+/// A successful (or truncated) completion to send.
+#[derive(Debug)]
+pub(crate) struct Reply {
+    pub(crate) completion: Completion,
+    pub(crate) content: String,
+    pub(crate) timing: Timing,
+    pub(crate) stream: bool,
+    pub(crate) include_usage: bool,
+    pub(crate) truncate: bool,
+}
+
+/// A parsed request with everything that does not need the lock worked out.
+struct Prepared {
+    request: ChatRequest,
+    markers: Markers,
+    prompt_tokens: u64,
+    max_tokens: u32,
+    answer: Answer,
+}
+
+impl Sim {
+    /// A provider in its initial state. Hanging requests end when `shutdown` is cancelled.
+    pub fn new(config: SimConfig, shutdown: CancellationToken) -> Result<Self> {
+        config.validate()?;
+        let state = State::new(config.seed);
+        Ok(Self {
+            shared: Arc::new(Shared {
+                config,
+                shutdown,
+                next_id: AtomicU64::new(1),
+                state: Mutex::new(state),
+            }),
+        })
+    }
+
+    /// The config it runs with.
+    pub fn config(&self) -> &SimConfig {
+        &self.shared.config
+    }
+
+    /// A snapshot of the counters, per key (by fingerprint) and in total.
+    pub fn stats(&self) -> SimStats {
+        let state = self.lock();
+        let mut keys: Vec<KeyStats> = state
+            .keys
+            .iter()
+            .map(|(key, key_state)| KeyStats {
+                key: stats::fingerprint(key),
+                rpm_limit: key_state.rpm,
+                tpm_limit: key_state.tpm,
+                counters: key_state.tally.counters.clone(),
+            })
+            .collect();
+        keys.sort_by(|a, b| a.key.cmp(&b.key));
+        SimStats {
+            totals: state.totals.counters.clone(),
+            keys,
+            unauthenticated: state.unauthenticated,
+        }
+    }
+
+    /// Back to the initial state: counters, rate-limit buckets, `fail_first` counts and the
+    /// random generator (reseeded), as if the simulator had just started.
+    pub fn reset(&self) {
+        *self.lock() = State::new(self.shared.config.seed);
+    }
+
+    pub(crate) fn shutdown_token(&self) -> &CancellationToken {
+        &self.shared.shutdown
+    }
+
+    pub(crate) fn next_id(&self) -> u64 {
+        self.shared.next_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    pub(crate) fn unauthenticated(&self) {
+        self.lock().unauthenticated += 1;
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // The state stays consistent even if a holder panicked: every update is a few counters.
+        self.shared
+            .state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Decides what a chat completion request with this API key and body gets, and books it.
+    pub(crate) fn decide(&self, key: &str, body: &[u8], id: u64) -> Decision {
+        let config = &self.shared.config;
+        let prepared = prepare(body, config.default_max_tokens);
+
+        let mut guard = self.lock();
+        let state = &mut *guard;
+        let now = Instant::now();
+        let key_state = state.keys.entry(key.to_owned()).or_insert_with(|| {
+            let (rpm, tpm) = config.limits_for(key);
+            KeyState {
+                rpm,
+                tpm,
+                limiter: KeyLimiter::new(rpm, tpm, now),
+                tally: Tally::default(),
+            }
+        });
+        let limiter = &mut key_state.limiter;
+        let mut books = Books {
+            key: &mut key_state.tally,
+            totals: &mut state.totals,
+        };
+        books.seen();
+
+        let random = RandomFault::draw(config, &mut state.rng);
+        let prepared = match prepared.and_then(|p| screen(p, key, config, random)) {
+            Ok(prepared) => prepared,
+            Err(error) => {
+                books.finish(error_outcome(&error));
+                return Decision {
+                    rate: limiter.snapshot(now),
+                    plan: Plan::Error(error),
+                };
+            }
+        };
+
+        let (admission, rate) = limiter.admit(prepared.cost(), now);
+        if let Err(refusal) = admission {
+            books.finish(Outcome::RateLimited);
+            return Decision {
+                rate,
+                plan: Plan::Error(rate_limit_error(refusal, prepared.cost())),
+            };
+        }
+        books.admitted(now, prepared.cost().tokens);
+
+        let Prepared {
+            request,
+            markers,
+            prompt_tokens,
+            answer,
+            ..
+        } = prepared;
+        let timing = Timing::draw(
+            &config.latency_for(&request.model),
+            config.time_scale,
+            &mut state.rng,
+        );
+        let hash = content::messages_hash(&request);
+        let fail_first = markers
+            .fail_first
+            .is_some_and(|n| state.fail_first.should_fail(&hash, n));
+        let plan = if markers.fail || fail_first || random == RandomFault::Fail {
+            books.finish(Outcome::ServerError);
+            Plan::FailAfter(timing)
+        } else if markers.hang || random == RandomFault::Hang {
+            books.finish(Outcome::Hung);
+            Plan::Hang
+        } else {
+            let truncate = markers.truncate || random == RandomFault::Truncate;
+            books.finish(if truncate {
+                Outcome::Truncated
+            } else {
+                Outcome::Completed
+            });
+            books.usage(prompt_tokens, answer.completion_tokens);
+            let completion = Completion {
+                id: format!("chatcmpl-sim{id:010}"),
+                created: crate::api::unix_now(),
+                model: request.model.clone(),
+                prompt_tokens,
+                completion_tokens: answer.completion_tokens,
+                finish_reason: if answer.hit_limit { "length" } else { "stop" },
+            };
+            Plan::Reply(Box::new(Reply {
+                completion,
+                content: answer.content,
+                timing,
+                stream: request.is_stream(),
+                include_usage: request.include_usage(),
+                truncate,
+            }))
+        };
+        Decision { rate, plan }
+    }
+}
+
+impl State {
+    fn new(seed: u64) -> Self {
+        Self {
+            rng: StdRng::seed_from_u64(seed),
+            keys: HashMap::new(),
+            totals: Tally::default(),
+            unauthenticated: 0,
+            fail_first: FailFirst::default(),
+        }
+    }
+}
+
+/// The tallies one request is booked in: its key's and the totals.
+struct Books<'a> {
+    key: &'a mut Tally,
+    totals: &'a mut Tally,
+}
+
+impl Books<'_> {
+    fn seen(&mut self) {
+        self.key.seen();
+        self.totals.seen();
+    }
+
+    fn admitted(&mut self, now: Instant, tokens: u64) {
+        self.key.admitted(now, tokens);
+        self.totals.admitted(now, tokens);
+    }
+
+    fn finish(&mut self, outcome: Outcome) {
+        self.key.finished(outcome);
+        self.totals.finished(outcome);
+    }
+
+    fn usage(&mut self, prompt_tokens: u64, completion_tokens: u64) {
+        self.key.usage(prompt_tokens, completion_tokens);
+        self.totals.usage(prompt_tokens, completion_tokens);
+    }
+}
+
+impl Prepared {
+    /// What the rate limiter charges: one request, and the prompt plus all of `max_tokens`.
+    fn cost(&self) -> Cost {
+        Cost {
+            requests: 1,
+            tokens: self.prompt_tokens + u64::from(self.max_tokens),
+        }
+    }
+}
+
+/// Steps 3 and 4: refusals that come before metering and charge nothing.
+fn screen(
+    prepared: Prepared,
+    key: &str,
+    config: &SimConfig,
+    random: RandomFault,
+) -> Result<Prepared, ApiError> {
+    let markers = &prepared.markers;
+    if let Some(status) = markers.error {
+        return Err(marker_error(status, key, &prepared.request.model));
+    }
+    let requested = prepared.cost().tokens;
+    if markers.context_length || requested > config.context_window {
+        return Err(ApiError::ContextLength {
+            window: config.context_window,
+            requested,
+        });
+    }
+    if markers.quota || random == RandomFault::Quota {
+        return Err(ApiError::InsufficientQuota);
+    }
+    Ok(prepared)
+}
+
+/// How a refusal before admission is counted.
+fn error_outcome(error: &ApiError) -> Outcome {
+    match error {
+        ApiError::InsufficientQuota => Outcome::QuotaExceeded,
+        ApiError::Server => Outcome::ServerError,
+        _ => Outcome::ClientError,
+    }
+}
+
+fn rate_limit_error(refusal: Refusal, cost: Cost) -> ApiError {
+    match refusal {
+        Refusal::Wait {
+            dimension,
+            limit,
+            retry_after,
+        } => ApiError::RateLimited {
+            dimension,
+            limit,
+            requested: match dimension {
+                Dimension::Requests => cost.requests,
+                Dimension::Tokens => cost.tokens,
+            },
+            retry_after,
+        },
+        Refusal::TooLarge { limit, requested } => ApiError::TooLarge { limit, requested },
+    }
+}
+
+fn prepare(body: &[u8], default_max_tokens: u32) -> Result<Prepared, ApiError> {
+    let request: ChatRequest = serde_json::from_slice(body).map_err(|e| {
+        ApiError::InvalidRequest(format!(
+            "We could not parse the JSON body of your request: {e}"
+        ))
+    })?;
+    if request.messages.is_empty() {
+        return Err(ApiError::InvalidRequest(
+            "[] is too short - 'messages'".to_owned(),
+        ));
+    }
+    let max_tokens = request.max_tokens(default_max_tokens);
+    if max_tokens == 0 {
+        return Err(ApiError::InvalidRequest(
+            "max_tokens must be at least 1".to_owned(),
+        ));
+    }
+    let markers = Markers::parse(&request).map_err(ApiError::InvalidRequest)?;
+    Ok(Prepared {
+        prompt_tokens: content::prompt_tokens(&request),
+        answer: content::answer(&request, max_tokens),
+        request,
+        markers,
+        max_tokens,
+    })
+}
+
+fn marker_error(status: u16, key: &str, model: &str) -> ApiError {
+    match status {
+        401 => ApiError::Unauthorized(format!(
+            "Incorrect API key provided: {} (simulated by [sim:error=401]).",
+            stats::fingerprint(key)
+        )),
+        404 => ApiError::NotFound(format!(
+            "The model `{model}` does not exist or you do not have access to it (simulated by [sim:error=404])."
+        )),
+        500 => ApiError::Server,
+        _ => ApiError::InvalidRequest(format!(
+            "Invalid request (simulated by [sim:error={status}])."
+        )),
+    }
+}

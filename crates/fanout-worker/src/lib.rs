@@ -1,0 +1,64 @@
+#![doc = include_str!("../README.md")]
+
+mod section;
+
+pub use section::{SectionHandler, WorkerDeps, redis_pool};
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use fanout_core::Config;
+use tokio_util::sync::CancellationToken;
+
+/// Options of one worker process beyond the shared config.
+#[derive(Debug, Clone)]
+pub struct WorkerOptions {
+    /// Jobs in flight in this process.
+    pub concurrency: usize,
+    /// How long in-flight jobs may take to finish after shutdown is requested.
+    pub grace: Duration,
+}
+
+impl WorkerOptions {
+    pub fn from_config(config: &Config) -> Self {
+        Self {
+            concurrency: config.worker.concurrency,
+            grace: Duration::from_secs(config.worker.grace_secs),
+        }
+    }
+}
+
+/// Run a worker process until `shutdown`: claim section jobs, take budget, call the provider,
+/// complete sections and release their dependents. Returns after draining.
+pub async fn run(
+    config: Arc<Config>,
+    options: WorkerOptions,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let deps = WorkerDeps::connect(config.clone())?;
+    let handler = Arc::new(SectionHandler::new(deps.clone()));
+    let queue_options = fanout_queue::WorkerOptions {
+        concurrency: options.concurrency.max(1),
+        grace: options.grace,
+        job_timeout: Duration::from_secs(config.worker.job_timeout_secs),
+        ..fanout_queue::WorkerOptions::default()
+    };
+    fanout_metrics::METRICS.worker_up.set(1.0);
+    fanout_metrics::METRICS
+        .concurrency_limit
+        .set(i64::from(config.budget.max_concurrent_requests));
+    tracing::info!(
+        concurrency = queue_options.concurrency,
+        keys = config.provider.keys.len(),
+        "worker started"
+    );
+    let gauges = tokio::spawn(section::export_gauges(deps.clone(), shutdown.child_token()));
+    let result =
+        fanout_queue::run_worker(deps.queue.clone(), handler, queue_options, shutdown.clone())
+            .await;
+    shutdown.cancel();
+    let _ = gauges.await;
+    fanout_metrics::METRICS.worker_up.set(0.0);
+    tracing::info!("worker stopped");
+    result.map_err(Into::into)
+}

@@ -1,0 +1,577 @@
+//! The section job handler: render → budget → call → settle → complete, with retries.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use fanout_aggregator::{Released, SectionResult, StartOutcome, Store};
+use fanout_core::Config;
+use fanout_core::job::SectionJob;
+use fanout_llm::{CallError, ChatRequest, ChatResponse, LlmClient, ResponseCache, RetryPolicy};
+use fanout_metrics::METRICS;
+use fanout_queue::{Delivery, Handler, NewJob, Outcome, Queue};
+use fanout_ratelimit::{AcquireRequest, Budget, ProviderSignal};
+use tokio_util::sync::CancellationToken;
+
+/// Everything a worker process talks to, built once from the config.
+#[derive(Debug, Clone)]
+pub struct WorkerDeps {
+    pub config: Arc<Config>,
+    pub queue: Queue,
+    pub budget: Budget,
+    pub store: Store,
+    pub llm: Arc<LlmClient>,
+    pub cache: Arc<ResponseCache>,
+}
+
+impl WorkerDeps {
+    pub fn connect(config: Arc<Config>) -> anyhow::Result<Self> {
+        anyhow::ensure!(
+            !config.provider.keys.is_empty(),
+            "no API key: set OPENAI_API_KEY (or the variable named by a [[provider.keys]] entry)"
+        );
+        let pool = redis_pool(&config)?;
+        let ns = &config.redis.namespace;
+        let key_names = config
+            .provider
+            .keys
+            .iter()
+            .map(|k| k.name.clone())
+            .collect();
+        Ok(Self {
+            queue: Queue::new(pool.clone(), ns, config.queue.clone()),
+            budget: Budget::new(pool.clone(), ns, config.budget.clone(), key_names),
+            store: Store::new(
+                pool.clone(),
+                ns,
+                Duration::from_secs(config.reports.ttl_secs),
+            ),
+            llm: Arc::new(LlmClient::new(&config.provider)?),
+            cache: Arc::new(ResponseCache::new(
+                pool,
+                ns,
+                Duration::from_secs(config.cache.ttl_secs),
+            )),
+            config,
+        })
+    }
+}
+
+/// A deadpool-redis pool from the config (URL, size, command timeout).
+pub fn redis_pool(config: &Config) -> anyhow::Result<deadpool_redis::Pool> {
+    fanout_core::redis::pool(&config.redis).map_err(anyhow::Error::msg)
+}
+
+/// Runs one section job per delivery.
+#[derive(Debug)]
+pub struct SectionHandler {
+    deps: WorkerDeps,
+    retry: RetryPolicy,
+}
+
+impl SectionHandler {
+    pub fn new(deps: WorkerDeps) -> Self {
+        let retry = RetryPolicy::from_queue_config(&deps.config.queue);
+        Self { deps, retry }
+    }
+}
+
+impl Handler for SectionHandler {
+    async fn handle(&self, d: Delivery) -> Outcome {
+        let job = match serde_json::from_value::<SectionJob>(d.payload.clone()) {
+            Ok(job) => job,
+            Err(e) => {
+                return Outcome::Fatal {
+                    error: format!("decode error: {e}"),
+                };
+            }
+        };
+        let lane = d.lane.to_string();
+        METRICS.jobs_in_flight.inc();
+        let started = Instant::now();
+        let result = self.run(&job, &d, &lane).await;
+        METRICS.jobs_in_flight.dec();
+        match result {
+            Ok((outcome, label)) => {
+                if let Some(section) = label {
+                    METRICS
+                        .job_duration
+                        .with_label_values(&[section.as_str(), outcome_label(&outcome)])
+                        .observe(started.elapsed().as_secs_f64());
+                }
+                outcome
+            }
+            Err(e) => {
+                tracing::warn!(report = %job.report_id, job = %job.job_id, error = %e, "job hit an infrastructure error, will retry");
+                Outcome::Retry {
+                    error: e.to_string(),
+                    retry_after: None,
+                }
+            }
+        }
+    }
+
+    /// A dead-lettered section job (its worker kept dying, or our own infrastructure kept
+    /// failing) fails its section with the reason, so the report still finishes.
+    async fn dead_lettered(&self, payload: serde_json::Value, reason: String) {
+        let Ok(job) = serde_json::from_value::<SectionJob>(payload) else {
+            return; // undecodable: nothing to attribute it to; the dead letter keeps it
+        };
+        let reason = format!("dead-lettered: {reason}");
+        let mut delay = Duration::from_millis(200);
+        for attempt in 1..=5 {
+            let result = async {
+                let ctx = self
+                    .deps
+                    .store
+                    .job_context(&job.report_id, &job.job_id)
+                    .await?;
+                let lane = ctx.lane.to_string();
+                self.fail(&job, &ctx.node.section, &lane, "dead_letter", &reason)
+                    .await
+            }
+            .await;
+            match result {
+                Ok(()) => return,
+                Err(e) if attempt == 5 => {
+                    tracing::error!(report = %job.report_id, job = %job.job_id, error = %e, "could not mark a dead-lettered section failed");
+                }
+                Err(_) => {
+                    tokio::time::sleep(delay).await;
+                    delay *= 2;
+                }
+            }
+        }
+    }
+}
+
+fn outcome_label(o: &Outcome) -> &'static str {
+    match o {
+        Outcome::Done => "done",
+        Outcome::Retry { .. } => "retry",
+        Outcome::Fatal { .. } => "fatal",
+        Outcome::Release { .. } => "released",
+    }
+}
+
+impl SectionHandler {
+    /// Returns the outcome and the section id (for metrics) once the job is known.
+    async fn run(
+        &self,
+        job: &SectionJob,
+        d: &Delivery,
+        lane: &str,
+    ) -> anyhow::Result<(Outcome, Option<String>)> {
+        let store = &self.deps.store;
+        match store.start(&job.report_id, &job.job_id, d.attempt).await? {
+            StartOutcome::Run => {}
+            StartOutcome::AlreadyDone => {
+                // A previous delivery finished the section but died before enqueueing what it
+                // released (or before the ack): release again, idempotently.
+                let released = store.released(&job.report_id, &job.job_id).await?;
+                self.enqueue_released(&job.report_id, &released, lane)
+                    .await?;
+                return Ok((Outcome::Done, None));
+            }
+            StartOutcome::Cancelled | StartOutcome::Missing => return Ok((Outcome::Done, None)),
+        }
+        let ctx = store.job_context(&job.report_id, &job.job_id).await?;
+        let section = ctx.node.section.clone();
+        METRICS
+            .jobs_started
+            .with_label_values(&[lane, section.as_str()])
+            .inc();
+
+        let prompt = match fanout_core::render::render_prompt(
+            &ctx.template,
+            &ctx.node,
+            &ctx.inputs,
+            &ctx.deps,
+            &self.deps.config.provider.default_model,
+        ) {
+            Ok(p) => p,
+            Err(e) => {
+                let reason = format!("prompt could not be rendered: {e}");
+                self.fail(job, &section, lane, "render", &reason).await?;
+                return Ok((Outcome::Done, Some(section)));
+            }
+        };
+        let req = ChatRequest {
+            model: prompt.model,
+            system: prompt.system,
+            user: prompt.user,
+            max_tokens: prompt.max_tokens,
+            temperature: prompt.temperature,
+        };
+        // The template snapshot, inputs and dependency texts are not needed past rendering; a
+        // worker holds a thousand calls in flight, so they go now.
+        let (cache, priority) = (ctx.template.cache, ctx.node.priority);
+        drop(ctx);
+
+        if cache {
+            if let Some(hit) = self.deps.cache.get(&req).await {
+                METRICS.cache_requests.with_label_values(&["hit"]).inc();
+                self.complete(job, &section, lane, &hit, 0, true).await?;
+                return Ok((Outcome::Done, Some(section)));
+            }
+            METRICS.cache_requests.with_label_values(&["miss"]).inc();
+        }
+
+        let estimate = fanout_llm::estimate_tokens(&req);
+        let max_attempts = self.deps.config.queue.max_attempts;
+        let max_wait = Duration::from_secs(self.deps.config.budget.max_wait_secs);
+        let mut attempt = 0u32;
+        // When this delivery met its first 429: from then on it is waiting for budget.
+        let mut rate_limited_since: Option<Instant> = None;
+        loop {
+            attempt += 1;
+            let admission = match self
+                .deps
+                .budget
+                .acquire(AcquireRequest {
+                    model: req.model.clone(),
+                    estimated_tokens: estimate,
+                    priority,
+                    enqueued_at_ms: d.enqueued_at_ms,
+                    max_wait,
+                })
+                .await
+            {
+                Ok(a) => a,
+                Err(fanout_ratelimit::Error::WaitTooLong { retry_after }) => {
+                    METRICS.budget_wait_timeouts.inc();
+                    METRICS.jobs_released.with_label_values(&[lane]).inc();
+                    tracing::debug!(report = %job.report_id, job = %job.job_id, "budget wait too long, handing the job back");
+                    return Ok((Outcome::Release { delay: retry_after }, Some(section)));
+                }
+                Err(e) => return Err(e.into()),
+            };
+            let key = admission.key.clone();
+            METRICS.budget_wait.observe(admission.waited.as_secs_f64());
+            METRICS
+                .budget_admissions
+                .with_label_values(&[key.as_str(), req.model.as_str()])
+                .inc();
+            METRICS
+                .budget_admitted_tokens
+                .with_label_values(&[key.as_str(), req.model.as_str()])
+                .inc_by(estimate);
+            let called = Instant::now();
+            let result = self.deps.llm.call(&key, &req).await;
+            let elapsed = called.elapsed();
+            match result {
+                Ok(resp) => {
+                    let used = resp.prompt_tokens + resp.completion_tokens;
+                    self.deps.budget.settle(admission, Some(used)).await?;
+                    record_call(&req.model, "ok", "200", elapsed);
+                    tracing::info!(
+                        report = %job.report_id, section = %job.job_id, model = %req.model, key = %key,
+                        attempt, latency_ms = elapsed.as_millis() as u64,
+                        prompt_tokens = resp.prompt_tokens, completion_tokens = resp.completion_tokens,
+                        status = 200, "llm call succeeded"
+                    );
+                    self.feedback(&key, &req.model, &resp.headers, 200).await;
+                    if cache {
+                        self.deps.cache.put(&req, &resp).await;
+                    }
+                    self.complete(job, &section, lane, &resp, attempt, false)
+                        .await?;
+                    return Ok((Outcome::Done, Some(section)));
+                }
+                Err(err) => {
+                    self.deps.budget.settle(admission, None).await?;
+                    let status = err
+                        .status
+                        .map(|s| s.to_string())
+                        .unwrap_or_else(|| format!("{:?}", err.kind).to_lowercase());
+                    record_call(&req.model, "error", &status, elapsed);
+                    if err.kind == fanout_llm::ErrorKind::RateLimited {
+                        METRICS
+                            .budget_rate_limited
+                            .with_label_values(&[key.as_str(), req.model.as_str()])
+                            .inc();
+                    }
+                    // Only a rate limit says "slow down". `insufficient_quota` and "request too
+                    // large" come as 429s too, but no wait fixes them: pausing (and emptying) the
+                    // shared budget for them would stall every other job for nothing. Their rate
+                    // headers still count.
+                    let signal_status = match err.status {
+                        Some(429) if err.kind != fanout_llm::ErrorKind::RateLimited => 0,
+                        status => status.unwrap_or(0),
+                    };
+                    self.feedback(&key, &req.model, &err.headers, signal_status)
+                        .await;
+                    // A 429 rate limit is not this section's failure: our budget ran ahead of the
+                    // provider's (the feedback above paused it for every process). It costs no
+                    // attempt; its wait counts as budget wait, and past `max_wait_secs` the job
+                    // goes back to the queue, as when admission takes too long.
+                    let rate_limited = err.kind == fanout_llm::ErrorKind::RateLimited;
+                    let delay = if rate_limited {
+                        let backoff = self.retry.backoff(1).unwrap_or_default();
+                        let delay = backoff.max(err.retry_after().unwrap_or_default());
+                        let since = *rate_limited_since.get_or_insert_with(Instant::now);
+                        if since.elapsed() + delay > max_wait {
+                            METRICS.budget_wait_timeouts.inc();
+                            METRICS.jobs_released.with_label_values(&[lane]).inc();
+                            tracing::debug!(report = %job.report_id, job = %job.job_id, "rate limited too long, handing the job back");
+                            return Ok((Outcome::Release { delay }, Some(section)));
+                        }
+                        Some(delay)
+                    } else if err.is_retryable() && attempt < max_attempts {
+                        self.retry.next_delay(attempt, &err)
+                    } else {
+                        None
+                    };
+                    match delay {
+                        Some(delay) => {
+                            METRICS
+                                .jobs_retried
+                                .with_label_values(&[lane, section.as_str()])
+                                .inc();
+                            tracing::warn!(
+                                report = %job.report_id, section = %job.job_id, model = %req.model, key = %key,
+                                attempt, status = %status, kind = ?err.kind, delay_ms = delay.as_millis() as u64,
+                                error = %err.message, "llm call failed, will retry"
+                            );
+                            tokio::time::sleep(delay).await;
+                            let status = self.deps.store.status(&job.report_id).await?;
+                            if status == Some(fanout_core::ReportStatus::Cancelled) {
+                                return Ok((Outcome::Done, Some(section)));
+                            }
+                            if rate_limited {
+                                attempt -= 1;
+                            }
+                        }
+                        None => {
+                            let reason = failure_reason(&err, attempt);
+                            tracing::warn!(
+                                report = %job.report_id, section = %job.job_id, model = %req.model,
+                                attempt, status = %status, kind = ?err.kind, error = %err.message,
+                                "section failed"
+                            );
+                            let kind = format!("{:?}", err.kind).to_lowercase();
+                            self.fail(job, &section, lane, &kind, &reason).await?;
+                            return Ok((Outcome::Done, Some(section)));
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    async fn complete(
+        &self,
+        job: &SectionJob,
+        section: &str,
+        lane: &str,
+        resp: &ChatResponse,
+        attempts: u32,
+        cached: bool,
+    ) -> anyhow::Result<()> {
+        let price = self
+            .deps
+            .config
+            .price(&resp.model)
+            .or_else(|| self.deps.config.price(&job_model(resp)));
+        let cost = if cached {
+            0.0
+        } else {
+            fanout_llm::cost(price, resp.prompt_tokens, resp.completion_tokens)
+        };
+        if !cached {
+            METRICS
+                .llm_tokens
+                .with_label_values(&[resp.model.as_str(), "in"])
+                .inc_by(resp.prompt_tokens);
+            METRICS
+                .llm_tokens
+                .with_label_values(&[resp.model.as_str(), "out"])
+                .inc_by(resp.completion_tokens);
+            METRICS
+                .llm_cost
+                .with_label_values(&[resp.model.as_str()])
+                .inc_by(cost);
+        }
+        let released = self
+            .deps
+            .store
+            .complete(
+                &job.report_id,
+                &job.job_id,
+                SectionResult {
+                    text: resp.text.clone(),
+                    model: resp.model.clone(),
+                    prompt_tokens: resp.prompt_tokens,
+                    completion_tokens: resp.completion_tokens,
+                    cost,
+                    latency_ms: resp.latency.as_millis() as u64,
+                    attempts,
+                    cached,
+                },
+            )
+            .await?;
+        METRICS
+            .jobs_completed
+            .with_label_values(&[lane, section])
+            .inc();
+        self.enqueue_released(&job.report_id, &released, lane).await
+    }
+
+    async fn fail(
+        &self,
+        job: &SectionJob,
+        section: &str,
+        lane: &str,
+        kind: &str,
+        reason: &str,
+    ) -> anyhow::Result<()> {
+        let released = self
+            .deps
+            .store
+            .fail(&job.report_id, &job.job_id, reason)
+            .await?;
+        METRICS
+            .jobs_failed
+            .with_label_values(&[lane, section, kind])
+            .inc();
+        self.enqueue_released(&job.report_id, &released, lane).await
+    }
+
+    async fn enqueue_released(
+        &self,
+        report_id: &str,
+        released: &Released,
+        lane: &str,
+    ) -> anyhow::Result<()> {
+        if released.ready.is_empty() {
+            return Ok(());
+        }
+        let lane_value = fanout_queue::Lane::parse(lane).unwrap_or(fanout_queue::Lane::Interactive);
+        let jobs = released
+            .ready
+            .iter()
+            .map(|node| {
+                METRICS
+                    .jobs_enqueued
+                    .with_label_values(&[lane, node.section.as_str()])
+                    .inc();
+                let job = SectionJob::new(report_id, &node.id);
+                NewJob::new(
+                    job.queue_id(),
+                    serde_json::to_value(&job).expect("a job serializes"),
+                )
+                .lane(lane_value)
+                .priority(node.priority)
+            })
+            .collect();
+        self.deps.queue.enqueue_many(jobs).await?;
+        Ok(())
+    }
+
+    /// Hand the provider's view to the shared budget when it matters: a 429, or headers saying
+    /// the provider has less left than we think.
+    async fn feedback(&self, key: &str, model: &str, h: &fanout_llm::RateHeaders, status: u16) {
+        let low = h.remaining_requests == Some(0) || h.remaining_tokens == Some(0);
+        if status != 429 && !low {
+            return;
+        }
+        let signal = ProviderSignal {
+            retry_after: h.retry_after,
+            remaining_requests: h.remaining_requests.map(u64::from),
+            remaining_tokens: h.remaining_tokens.map(u64::from),
+            reset_requests: h.reset_requests,
+            reset_tokens: h.reset_tokens,
+            status,
+        };
+        match self.deps.budget.feedback(key, model, signal).await {
+            Ok(()) => METRICS.budget_pauses.with_label_values(&[key, model]).inc(),
+            Err(e) => tracing::warn!(key, model, error = %e, "could not record provider feedback"),
+        }
+    }
+}
+
+fn job_model(resp: &ChatResponse) -> String {
+    fanout_core::config::model_family(&resp.model).to_owned()
+}
+
+fn record_call(model: &str, outcome: &str, status: &str, elapsed: Duration) {
+    METRICS
+        .llm_duration
+        .with_label_values(&[model, outcome])
+        .observe(elapsed.as_secs_f64());
+    METRICS
+        .llm_responses
+        .with_label_values(&[model, status])
+        .inc();
+}
+
+fn failure_reason(err: &CallError, attempts: u32) -> String {
+    let status = err.status.map(|s| format!(" ({s})")).unwrap_or_default();
+    if err.is_retryable() {
+        format!(
+            "gave up after {attempts} attempts: {:?}{status}: {}",
+            err.kind, err.message
+        )
+    } else {
+        format!("{:?}{status}: {}", err.kind, err.message)
+    }
+}
+
+/// Export queue depth and budget headroom as gauges every few seconds.
+pub(crate) async fn export_gauges(deps: WorkerDeps, shutdown: CancellationToken) {
+    let mut tick = tokio::time::interval(Duration::from_secs(5));
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        if let Ok(lanes) = deps.queue.depth().await {
+            for l in lanes {
+                let lane = l.lane.to_string();
+                let m = &METRICS;
+                m.queue_depth
+                    .with_label_values(&[lane.as_str(), "ready"])
+                    .set(l.ready as i64);
+                m.queue_depth
+                    .with_label_values(&[lane.as_str(), "pending"])
+                    .set(l.pending as i64);
+                m.queue_depth
+                    .with_label_values(&[lane.as_str(), "delayed"])
+                    .set(l.delayed as i64);
+                m.queue_depth
+                    .with_label_values(&[lane.as_str(), "dead"])
+                    .set(l.dead as i64);
+                m.queue_lag
+                    .with_label_values(&[lane.as_str()])
+                    .set(l.lag.unwrap_or(l.ready) as i64);
+                m.queue_oldest_age
+                    .with_label_values(&[lane.as_str()])
+                    .set(l.oldest_ready_age.unwrap_or_default().as_secs_f64());
+            }
+        }
+        if let Ok(budgets) = deps.budget.snapshot().await {
+            for b in budgets {
+                let labels = [b.key.as_str(), b.family.as_str()];
+                METRICS
+                    .budget_limit_requests
+                    .with_label_values(&labels)
+                    .set(b.requests_per_minute as i64);
+                METRICS
+                    .budget_limit_tokens
+                    .with_label_values(&labels)
+                    .set(b.tokens_per_minute as i64);
+                METRICS
+                    .budget_requests_available
+                    .with_label_values(&labels)
+                    .set(b.requests_available);
+                METRICS
+                    .budget_tokens_available
+                    .with_label_values(&labels)
+                    .set(b.tokens_available);
+                // Leases are cluster-wide: every process reports the same number.
+                METRICS
+                    .concurrency_in_use
+                    .set(i64::try_from(b.leases_in_use).unwrap_or(i64::MAX));
+            }
+        }
+    }
+}

@@ -1,0 +1,238 @@
+//! A Fanout cluster of real processes for whole-system scenarios: a private redis-server, the
+//! simulated provider, N workers and an aggregator, each a `fanout` process.
+
+use std::time::Duration;
+
+use fanout_test_support::{FanoutProcess, RedisServer, free_port, run_fanout, wait_for_port};
+
+/// A running cluster. Everything is killed when it is dropped.
+#[derive(Debug)]
+pub struct Cluster {
+    // Fields drop in order: the processes go before the Redis they use.
+    pub workers: Vec<FanoutProcess>,
+    pub aggregator: FanoutProcess,
+    pub sim: FanoutProcess,
+    pub redis: RedisServer,
+    pub env: Vec<(String, String)>,
+    pub sim_port: u16,
+    /// `/metrics` ports of the workers, then of the aggregator.
+    pub metrics_ports: Vec<u16>,
+}
+
+/// How to start a cluster.
+#[derive(Debug, Clone)]
+pub struct ClusterSpec {
+    pub workers: usize,
+    pub concurrency: usize,
+    /// Simulated provider time scale (0.002: a 25 s call takes 50 ms).
+    pub time_scale: f64,
+    /// Extra `fanout sim` flags.
+    pub sim_args: Vec<String>,
+    /// Extra environment for every process.
+    pub env: Vec<(String, String)>,
+}
+
+impl Default for ClusterSpec {
+    fn default() -> Self {
+        Self {
+            workers: 2,
+            concurrency: 8,
+            time_scale: 0.002,
+            sim_args: Vec::new(),
+            env: Vec::new(),
+        }
+    }
+}
+
+impl Cluster {
+    pub fn start(spec: ClusterSpec) -> Self {
+        let redis = RedisServer::start();
+        let sim_port = free_port();
+        let listen = format!("127.0.0.1:{sim_port}");
+        let scale = spec.time_scale.to_string();
+        let mut sim_args = vec!["sim", "--listen", &listen, "--time-scale", &scale];
+        sim_args.extend(spec.sim_args.iter().map(String::as_str));
+        let sim = FanoutProcess::start("sim", &sim_args, &[]);
+        assert!(
+            wait_for_port(sim_port, Duration::from_secs(20)),
+            "fanout sim did not listen"
+        );
+        let mut env: Vec<(String, String)> = [
+            ("REDIS_URL", redis.url()),
+            ("OPENAI_BASE_URL", format!("http://127.0.0.1:{sim_port}/v1")),
+            ("OPENAI_API_KEY", "sk-system-test-key-0001".to_owned()),
+            ("FANOUT_REDIS__NAMESPACE", "systest".to_owned()),
+            ("FANOUT_QUEUE__VISIBILITY_TIMEOUT_SECS", "2".to_owned()),
+            ("FANOUT_QUEUE__RETRY_BASE_MS", "20".to_owned()),
+            ("FANOUT_QUEUE__RETRY_MAX_MS", "200".to_owned()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v))
+        .collect();
+        env.extend(spec.env.iter().cloned());
+        let concurrency = spec.concurrency.to_string();
+        let metrics_ports: Vec<u16> = (0..=spec.workers).map(|_| free_port()).collect();
+        let addr = |i: usize| format!("127.0.0.1:{}", metrics_ports[i]);
+        let workers = (0..spec.workers)
+            .map(|i| {
+                let metrics = addr(i);
+                FanoutProcess::start(
+                    &format!("worker-{i}"),
+                    &[
+                        "worker",
+                        "--concurrency",
+                        &concurrency,
+                        "--grace",
+                        "5",
+                        "--metrics-addr",
+                        &metrics,
+                    ],
+                    &env,
+                )
+            })
+            .collect();
+        let metrics = addr(spec.workers);
+        let aggregator = FanoutProcess::start(
+            "aggregator",
+            &["aggregator", "--metrics-addr", &metrics],
+            &env,
+        );
+        Self {
+            redis,
+            sim,
+            workers,
+            aggregator,
+            env,
+            sim_port,
+            metrics_ports,
+        }
+    }
+
+    /// Run `fanout <args>` with the cluster's environment: (exit code, stdout, stderr).
+    pub fn fanout(&self, args: &[&str]) -> (i32, String, String) {
+        run_fanout(args, &self.env)
+    }
+
+    /// `fanout submit … --wait`, returning (exit code, report id, stderr).
+    pub fn submit_wait(
+        &self,
+        template: &str,
+        input: &str,
+        extra: &[&str],
+    ) -> (i32, String, String) {
+        let mut args = vec!["submit", "--template", template, "--input", input, "--wait"];
+        args.extend_from_slice(extra);
+        let (code, out, err) = self.fanout(&args);
+        let id = out.lines().next().unwrap_or_default().trim().to_owned();
+        (code, id, err)
+    }
+
+    /// The report's JSON document (`fanout report ID --format json`).
+    pub fn report_json(&self, id: &str) -> serde_json::Value {
+        let (code, out, err) = self.fanout(&["report", id, "--format", "json"]);
+        assert_eq!(code, 0, "fanout report failed: {err}");
+        serde_json::from_str(&out).expect("report json")
+    }
+
+    /// The report's Markdown document.
+    pub fn report_md(&self, id: &str) -> String {
+        let (code, out, err) = self.fanout(&["report", id]);
+        assert_eq!(code, 0, "fanout report failed: {err}");
+        out
+    }
+
+    /// Provider statistics from the simulator.
+    pub fn sim_stats(&self) -> serde_json::Value {
+        let (status, body) = http_get(self.sim_port, "/sim/stats");
+        assert_eq!(status, 200, "sim stats: {body}");
+        serde_json::from_str(&body).expect("stats json")
+    }
+}
+
+/// `GET path` on 127.0.0.1:`port`: (status, body). Plain HTTP/1.1 with `Connection: close`.
+pub fn http_get(port: u16, path: &str) -> (u16, String) {
+    http(port, "GET", path, None)
+}
+
+/// `POST path` with a JSON body: (status, body).
+pub fn http_post_json(port: u16, path: &str, body: &serde_json::Value) -> (u16, String) {
+    http(port, "POST", path, Some(&body.to_string()))
+}
+
+fn http(port: u16, method: &str, path: &str, json: Option<&str>) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    let body = json.unwrap_or("");
+    let content = if json.is_some() {
+        format!(
+            "Content-Type: application/json\r\nContent-Length: {}\r\n",
+            body.len()
+        )
+    } else {
+        String::new()
+    };
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n{content}\r\n{body}"
+    )
+    .expect("write request");
+    let mut raw = String::new();
+    s.read_to_string(&mut raw).expect("read response");
+    let (head, body) = raw.split_once("\r\n\r\n").expect("http response");
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .expect("status code");
+    let chunked = head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked");
+    (
+        status,
+        if chunked {
+            dechunk(body)
+        } else {
+            body.to_owned()
+        },
+    )
+}
+
+fn dechunk(mut body: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, rest)) = body.split_once("\r\n") {
+        let n = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
+        if n == 0 {
+            break;
+        }
+        out.push_str(&rest[..n]);
+        body = rest[n..].trim_start_matches("\r\n");
+    }
+    out
+}
+
+/// The `SIM-ANSWER` hash a simulated answer starts with.
+pub fn answer_hash(text: &str) -> String {
+    text.lines()
+        .next()
+        .and_then(|l| l.strip_prefix("SIM-ANSWER "))
+        .expect("a simulated answer")
+        .to_owned()
+}
+
+/// The answers a simulated answer was given in its prompt (its `refs:` line), in order.
+pub fn refs(text: &str) -> Vec<String> {
+    text.lines()
+        .find_map(|l| l.strip_prefix("refs:"))
+        .map(|r| r.split_whitespace().map(str::to_owned).collect())
+        .unwrap_or_default()
+}
+
+/// A section of a report JSON by id.
+pub fn section<'a>(report: &'a serde_json::Value, id: &str) -> &'a serde_json::Value {
+    report["sections"]
+        .as_array()
+        .expect("sections")
+        .iter()
+        .find(|s| s["id"] == id)
+        .unwrap_or_else(|| panic!("no section {id}"))
+}
