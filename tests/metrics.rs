@@ -119,23 +119,27 @@ fn api_worker_and_aggregator_metrics_exist_move_and_pass_promtool() {
             .all(|t| t.contains("process_resident_memory_bytes"))
     );
     // Gauges exported every few seconds: queue depth and the budget's limits.
-    let port = cluster.metrics_ports[0];
-    assert!(
-        wait_until(Duration::from_secs(15), || {
-            let text = http_get(port, "/metrics").1;
-            sample(
-                &text,
-                "fanout_budget_limit_requests_per_minute",
-                &["key=\"default\""],
-            ) == Some(3500.0)
-                && sample(
+    // Every worker exports them, also one that has not served a job yet (the pool of two
+    // may have left all ten to the other).
+    for &port in &cluster.metrics_ports[..cluster.workers.len()] {
+        let mut text = String::new();
+        assert!(
+            wait_until(Duration::from_secs(15), || {
+                text = http_get(port, "/metrics").1;
+                sample(
                     &text,
-                    "fanout_queue_depth",
-                    &["lane=\"interactive\"", "state=\"ready\""],
-                ) == Some(0.0)
-        }),
-        "budget and queue gauges exported"
-    );
+                    "fanout_budget_limit_requests_per_minute",
+                    &["key=\"default\""],
+                ) == Some(3500.0)
+                    && sample(
+                        &text,
+                        "fanout_queue_depth",
+                        &["lane=\"interactive\"", "state=\"ready\""],
+                    ) == Some(0.0)
+            }),
+            "budget and queue gauges exported; the worker's metrics:\n{text}"
+        );
+    }
     // The aggregator counts the finished report.
     let aggregator_port = *cluster.metrics_ports.last().unwrap();
     assert!(wait_until(Duration::from_secs(10), || {

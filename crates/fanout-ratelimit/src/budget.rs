@@ -243,6 +243,17 @@ impl Budget {
         }
     }
 
+    /// Report `model`'s family in [`Budget::snapshot`] from now on, before this process has
+    /// acquired for it (a worker tracks its default model at start, so its gauges exist before
+    /// its first job). [`Budget::acquire`] tracks every model it is asked for.
+    pub fn track(&self, model: &str) {
+        let family = model_family(model);
+        let mut families = self.inner.families.lock().expect("families");
+        if !families.contains(family) {
+            families.insert(family.to_owned());
+        }
+    }
+
     /// This process's counters.
     pub fn stats(&self) -> Arc<BudgetStats> {
         self.inner.stats.clone()
@@ -268,12 +279,7 @@ impl Budget {
             Duration::from_secs(inner.config.lease_secs),
         );
         let family = model_family(&req.model).to_owned();
-        {
-            let mut families = inner.families.lock().expect("families");
-            if !families.contains(&family) {
-                families.insert(family.clone());
-            }
-        }
+        self.track(&req.model);
         let limits = inner.config.limits_for(&req.model);
         let started = Instant::now();
         let mut waiter = Waiter {

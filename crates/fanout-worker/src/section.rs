@@ -37,9 +37,11 @@ impl WorkerDeps {
             .iter()
             .map(|k| k.name.clone())
             .collect();
+        let budget = Budget::new(pool.clone(), ns, config.budget.clone(), key_names);
+        budget.track(&config.provider.default_model);
         Ok(Self {
             queue: Queue::new(pool.clone(), ns, config.queue.clone()),
-            budget: Budget::new(pool.clone(), ns, config.budget.clone(), key_names),
+            budget,
             store: Store::new(
                 pool.clone(),
                 ns,
