@@ -13,7 +13,8 @@ use fanout_sim::SimConfig;
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let t = Instant::now();
-    fanout_llm::warm_up_tokenizers();
+    fanout_llm::warm_up_tokenizers("gpt-4o");
+    fanout_llm::warm_up_tokenizers("gpt-4");
     println!("tokenizer warm-up (both encodings): {:?}", t.elapsed());
 
     let long = "The founder has ten years in logistics and wants a B2B product. ".repeat(150);

@@ -1,5 +1,6 @@
 #![doc = include_str!("../README.md")]
 
+mod bpe;
 mod cache;
 mod client;
 mod cost;

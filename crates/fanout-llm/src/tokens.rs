@@ -1,8 +1,9 @@
 //! Token estimates for budget admission: the prompt counted with the model's tokenizer plus
 //! `max_tokens`, which providers charge up front.
 
-use tiktoken_rs::CoreBPE;
+use std::sync::LazyLock;
 
+use crate::bpe::Encoding;
 use crate::client::ChatRequest;
 
 /// Tokens every chat message costs besides its content (`<|start|>role\n … <|end|>`).
@@ -10,17 +11,16 @@ const PER_MESSAGE: u64 = 4;
 /// Tokens that prime the reply (`<|start|>assistant<|message|>`).
 const PER_REPLY: u64 = 3;
 
+static O200K: LazyLock<Encoding> = LazyLock::new(Encoding::o200k_base);
+static CL100K: LazyLock<Encoding> = LazyLock::new(Encoding::cl100k_base);
+
 /// The tokenizer of `model`: `o200k_base` for the gpt-4o, gpt-4.1, gpt-4.5, gpt-5 and o-series
 /// families, `cl100k_base` otherwise.
 ///
-/// Both are built once per process (tiktoken-rs keeps them in `LazyLock` statics; building one
-/// takes ~100 ms), so call [`warm_up`] at startup to keep that off the first job.
-fn bpe(model: &str) -> &'static CoreBPE {
-    if uses_o200k(model) {
-        tiktoken_rs::o200k_base_singleton()
-    } else {
-        tiktoken_rs::cl100k_base_singleton()
-    }
+/// Each is built once per process, on first use (~0.2 s, ~5 MiB), so call [`warm_up`] at startup
+/// to keep that off the first job.
+fn encoding(model: &str) -> &'static Encoding {
+    if uses_o200k(model) { &O200K } else { &CL100K }
 }
 
 fn uses_o200k(model: &str) -> bool {
@@ -32,16 +32,15 @@ fn uses_o200k(model: &str) -> bool {
         || (b.len() >= 2 && b[0] == b'o' && b[1].is_ascii_digit())
 }
 
-/// Builds both tokenizers now (blocking, ~0.2 s); run it in `spawn_blocking` at startup.
-pub fn warm_up() {
-    let _ = tiktoken_rs::o200k_base_singleton();
-    let _ = tiktoken_rs::cl100k_base_singleton();
+/// Builds the tokenizer of `model` now (blocking, ~0.2 s); run it in `spawn_blocking` at startup.
+pub fn warm_up(model: &str) {
+    LazyLock::force(if uses_o200k(model) { &O200K } else { &CL100K });
 }
 
 /// Tokens of `text` alone with `model`'s tokenizer (special-token text counts as plain text,
 /// as the provider treats it).
 pub fn count_tokens(model: &str, text: &str) -> u64 {
-    bpe(model).encode_ordinary(text).len() as u64
+    encoding(model).count(text) as u64
 }
 
 /// Prompt tokens of a system + user conversation, with the per-message overhead of the chat
@@ -106,5 +105,69 @@ mod tests {
             temperature: None,
         };
         assert_eq!(estimate_tokens(&req), 109);
+    }
+
+    /// Varied text: prose, code, numbers, several scripts, emoji and combining marks, runs of
+    /// whitespace and punctuation long enough for the heap-based merge, the built-in templates,
+    /// and random strings over a mixed alphabet.
+    fn corpus() -> Vec<String> {
+        use rand::{Rng, SeedableRng};
+
+        let mut texts: Vec<String> = [
+            "hello world",
+            "The founder has ten years in logistics and wants a B2B product.\n\n## Risks\n- churn",
+            "fn main() {\n    println!(\"{}\", 1_000_000 + 0x2A);\n}\n",
+            "Prices: $1,299.99 or €1.299,99 (2024-07-18T12:34:56Z) 3.14159265358979",
+            "日本語のテキストと中文文本，还有한국어 텍스트。",
+            "Ελληνικά, русский текст, עברית, العربية, हिन्दी",
+            "emoji 👩‍👩‍👧‍👦 🚀🚀🚀 flags 🇩🇪🇫🇷 and é vs e\u{301} combining",
+            "I'm sure they'll say we've done it; DON'T they'd?",
+            "<|endoftext|> is text here, and <|fim_prefix|> too",
+            "   leading spaces\t\ttabs\r\nwindows newlines\n\n\n   trailing   ",
+        ]
+        .into_iter()
+        .map(str::to_owned)
+        .collect();
+        texts.push(" ".repeat(250));
+        texts.push(format!("a{}b", "\n".repeat(130)));
+        texts.push("!?-=".repeat(60));
+        texts.push("abcdefghij".repeat(30));
+        texts.push("Σ".repeat(120));
+        texts.push("1234567890".repeat(20));
+        let templates = concat!(env!("CARGO_MANIFEST_DIR"), "/../../config/templates");
+        for entry in std::fs::read_dir(templates).unwrap() {
+            texts.push(std::fs::read_to_string(entry.unwrap().path()).unwrap());
+        }
+        let alphabet: Vec<char> =
+            "aeiou bcdfgxyzAEIOUQ0123456789 \t\n\r.,;:!?'\"-_/()[]{}<>|$€£é日本語ЖжΩ🚀👍\u{301}"
+                .chars()
+                .collect();
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        for _ in 0..400 {
+            let len = rng.random_range(1..300);
+            texts.push(
+                (0..len)
+                    .map(|_| alphabet[rng.random_range(0..alphabet.len())])
+                    .collect(),
+            );
+        }
+        texts
+    }
+
+    #[test]
+    fn counts_match_tiktoken_rs() {
+        let cases = [
+            ("gpt-4o", tiktoken_rs::o200k_base_singleton()),
+            ("gpt-4", tiktoken_rs::cl100k_base_singleton()),
+        ];
+        for (model, reference) in cases {
+            for text in corpus() {
+                assert_eq!(
+                    count_tokens(model, &text),
+                    reference.encode_ordinary(&text).len() as u64,
+                    "{model}: {text:?}"
+                );
+            }
+        }
     }
 }

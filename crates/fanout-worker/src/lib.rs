@@ -37,6 +37,9 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     let deps = WorkerDeps::connect(config.clone())?;
     let handler = Arc::new(SectionHandler::new(deps.clone()));
+    // The default model's tokenizer, built now rather than inside the first job.
+    let model = config.provider.default_model.clone();
+    tokio::task::spawn_blocking(move || fanout_llm::warm_up_tokenizers(&model)).await?;
     let queue_options = fanout_queue::WorkerOptions {
         concurrency: options.concurrency.max(1),
         grace: options.grace,
