@@ -354,6 +354,30 @@ impl Aggregator {
             .arg(ttl)
             .query_async(&mut conn)
             .await?;
+        if let Some(url) = &view.callback_url {
+            // The webhook outbox, delivered by fanout-producer's `Webhooks::run`. Written before
+            // the report counts as assembled: a crash in between assembles it again (NX keeps
+            // one entry), never loses the webhook.
+            let k = self.store.keys();
+            let now_ms = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64);
+            let _: () = redis::pipe()
+                .atomic()
+                .cmd("HSET")
+                .arg(k.webhooks_url())
+                .arg(report_id)
+                .arg(url)
+                .ignore()
+                .cmd("ZADD")
+                .arg(k.webhooks_due())
+                .arg("NX")
+                .arg(now_ms)
+                .arg(report_id)
+                .ignore()
+                .query_async(&mut conn)
+                .await?;
+        }
         drop(conn);
 
         let status = view.status;

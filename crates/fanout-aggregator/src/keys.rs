@@ -34,6 +34,27 @@ impl Keys {
         format!("{{{}}}:events", self.namespace)
     }
 
+    /// ZSET report id → when its webhook is next due (ms since the epoch). A delivery in
+    /// progress holds its entry by pushing this time one lease ahead.
+    pub fn webhooks_due(&self) -> String {
+        format!("{{{}}}:webhooks:due", self.namespace)
+    }
+
+    /// HASH report id → callback URL of a webhook not yet delivered.
+    pub fn webhooks_url(&self) -> String {
+        format!("{{{}}}:webhooks:url", self.namespace)
+    }
+
+    /// HASH report id → delivery attempts started.
+    pub fn webhooks_attempts(&self) -> String {
+        format!("{{{}}}:webhooks:attempts", self.namespace)
+    }
+
+    /// STREAM of webhooks given up on: `report`, `url`, `attempts`, `reason`.
+    pub fn webhooks_dead(&self) -> String {
+        format!("{{{}}}:webhooks:dead", self.namespace)
+    }
+
     /// STRING tenant + idempotency key → report id, with the report TTL.
     pub fn idempotency(&self, tenant: &str, key: &str) -> String {
         format!("{{{}}}:idem:{tenant}:{key}", self.namespace)

@@ -177,7 +177,8 @@ impl Store {
         Duration::from_secs(self.ttl_secs)
     }
 
-    pub(crate) fn pool(&self) -> &Pool {
+    /// The Redis pool the store works on.
+    pub fn pool(&self) -> &Pool {
         self.shared.pool()
     }
 

@@ -161,13 +161,18 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let ops_stop = CancellationToken::new();
             let ops = serve_ops(&config, args.metrics_addr, &ops_stop)?;
             let store = fanout_aggregator::Store::from_config(pool, &config);
-            // Webhook deliveries get their own token: they keep the grace period after SIGTERM.
+            // Webhooks leave the outbox the aggregator fills; on SIGTERM, POSTs in flight get
+            // the grace period, and whatever is left is claimed again after its lease.
             use fanout_producer::api::webhook;
             let webhooks = webhook::Webhooks::new(
                 webhook::WebhookOptions::from_env(&std::env::vars().collect()),
-                CancellationToken::new(),
+                &store,
             )?;
-            let deliver = webhook::on_finished_hook(&webhooks);
+            let grace = Duration::from_secs(config.worker.grace_secs);
+            let delivering = tokio::spawn({
+                let shutdown = shutdown.clone();
+                async move { webhooks.run(shutdown, grace).await }
+            });
             let options = fanout_aggregator::AggregatorOptions {
                 on_finished: Some(Arc::new(move |view: fanout_aggregator::ReportView| {
                     let m = &fanout_metrics::METRICS;
@@ -177,15 +182,13 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     m.report_duration
                         .with_label_values(&[view.template.as_str()])
                         .observe(view.totals.wall_ms as f64 / 1000.0);
-                    deliver(view);
                 })),
                 ..Default::default()
             };
             tracing::info!("aggregator started");
             let result = fanout_aggregator::run(store, options, shutdown.clone()).await;
-            webhooks
-                .drain(Duration::from_secs(config.worker.grace_secs))
-                .await;
+            shutdown.cancel();
+            delivering.await?;
             ops_stop.cancel();
             if let Some(ops) = ops {
                 ops.await??;

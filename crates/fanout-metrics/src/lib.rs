@@ -58,6 +58,7 @@ pub struct Metrics {
     pub reports_finished: IntCounterVec,
     pub report_duration: HistogramVec,
     pub cache_requests: IntCounterVec,
+    pub webhooks: IntCounterVec,
     pub worker_up: Gauge,
 }
 
@@ -303,6 +304,12 @@ impl Metrics {
                 "fanout_reports_finished_total",
                 "Reports that reached a final status.",
                 &["template", "status"],
+            ),
+            webhooks: counter(
+                &r,
+                "fanout_webhooks_total",
+                "Webhook delivery attempts by outcome: delivered, retried (will try again) or dead (given up, kept with its reason).",
+                &["outcome"],
             ),
             report_duration: histogram(
                 &r,

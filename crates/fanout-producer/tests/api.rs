@@ -115,6 +115,15 @@ impl Stack {
         })
     }
 
+    /// A webhook deliverer on this stack's Redis (what `fanout aggregator` runs).
+    fn webhooks(&self, options: WebhookOptions) -> Result<Webhooks> {
+        let store = fanout_aggregator::Store::from_config(
+            fanout_worker::redis_pool(&self.config)?,
+            &self.config,
+        );
+        Ok(Webhooks::new(options, &store)?)
+    }
+
     fn url(&self, path: &str) -> String {
         format!("{}{path}", self.base)
     }
@@ -1018,21 +1027,21 @@ async fn a_finished_report_is_posted_to_its_callback_signed_and_retried() -> Res
         }
     });
 
-    let hooks_stop = CancellationToken::new();
-    let webhooks = Webhooks::new(
-        WebhookOptions {
-            secret: Some(Secret::new(SECRET)),
-            base_delay: Duration::from_millis(50),
-            ..WebhookOptions::default()
-        },
-        hooks_stop.clone(),
-    )?;
     let s = Stack::start(Options {
         pipeline: pipeline(),
-        on_finished: Some(webhook::on_finished_hook(&webhooks)),
         ..Options::default()
     })
     .await?;
+    let webhooks = s.webhooks(WebhookOptions {
+        secret: Some(Secret::new(SECRET)),
+        base_delay: Duration::from_millis(50),
+        ..WebhookOptions::default()
+    })?;
+    let hooks_stop = CancellationToken::new();
+    let delivering = tokio::spawn({
+        let (webhooks, stop) = (webhooks.clone(), hooks_stop.clone());
+        async move { webhooks.run(stop, Duration::from_secs(1)).await }
+    });
     let mut body = panel(2, None);
     body["callback_url"] = json!(hook_url);
     let (status, _, created) = s
@@ -1083,13 +1092,142 @@ async fn a_finished_report_is_posted_to_its_callback_signed_and_retried() -> Res
     }
     // Delivered: nothing pending, no third call.
     let deadline = Instant::now() + Duration::from_secs(5);
-    while webhooks.pending() > 0 {
+    while webhooks.pending().await? > 0 {
         ensure!(Instant::now() < deadline, "delivery still pending");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert_eq!(calls.load(Ordering::SeqCst), 2);
+    assert!(webhooks.dead(10).await?.is_empty());
+    hooks_stop.cancel();
+    delivering.await?;
     s.shutdown().await;
-    webhooks.drain(Duration::from_secs(1)).await;
+    receiver_stop.cancel();
+    receiver_task.await??;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_webhook_outlives_its_deliverer_and_a_refused_one_is_kept_with_its_reason() -> Result<()>
+{
+    // `/slow` never answers its first POST; `/gone` refuses every POST.
+    let slow_calls = Arc::new(AtomicUsize::new(0));
+    let attempts_seen = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let receiver = axum::Router::new()
+        .route(
+            "/slow",
+            axum::routing::post({
+                let (calls, seen) = (slow_calls.clone(), attempts_seen.clone());
+                move |headers: HeaderMap| {
+                    let (calls, seen) = (calls.clone(), seen.clone());
+                    async move {
+                        let attempt = headers
+                            .get(webhook::ATTEMPT_HEADER)
+                            .and_then(|v| v.to_str().ok())
+                            .unwrap_or("")
+                            .to_owned();
+                        seen.lock().unwrap().push(attempt);
+                        if calls.fetch_add(1, Ordering::SeqCst) == 0 {
+                            tokio::time::sleep(Duration::from_secs(600)).await;
+                        }
+                        StatusCode::NO_CONTENT
+                    }
+                }
+            }),
+        )
+        .route("/gone", axum::routing::post(|| async { StatusCode::GONE }));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let base = format!("http://{}", listener.local_addr()?);
+    let receiver_stop = CancellationToken::new();
+    let receiver_task = tokio::spawn({
+        let stop = receiver_stop.clone().cancelled_owned();
+        async move {
+            axum::serve(listener, receiver)
+                .with_graceful_shutdown(stop)
+                .await
+        }
+    });
+
+    let s = Stack::start(Options {
+        pipeline: pipeline(),
+        ..Options::default()
+    })
+    .await?;
+    let options = WebhookOptions {
+        base_delay: Duration::from_millis(50),
+        lease: Duration::from_secs(1),
+        poll: Duration::from_millis(50),
+        ..WebhookOptions::default()
+    };
+    let submit = |path: &str| {
+        let mut body = panel(1, None);
+        body["callback_url"] = json!(format!("{base}{path}"));
+        body
+    };
+    let (_, _, slow) = s
+        .call(
+            reqwest::Method::POST,
+            "/v1/reports",
+            None,
+            Some(&submit("/slow")),
+        )
+        .await?;
+    let (_, _, gone) = s
+        .call(
+            reqwest::Method::POST,
+            "/v1/reports",
+            None,
+            Some(&submit("/gone")),
+        )
+        .await?;
+    let (slow, gone) = (
+        slow["id"].as_str().context("id")?,
+        gone["id"].as_str().context("id")?,
+    );
+
+    // The first deliverer stops (no grace) while its POST to /slow hangs.
+    let first = s.webhooks(options.clone())?;
+    let first_stop = CancellationToken::new();
+    let first_run = tokio::spawn({
+        let (w, stop) = (first.clone(), first_stop.clone());
+        async move { w.run(stop, Duration::ZERO).await }
+    });
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while slow_calls.load(Ordering::SeqCst) == 0 {
+        ensure!(Instant::now() < deadline, "no delivery to /slow");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    first_stop.cancel();
+    first_run.await?;
+    assert!(
+        first.pending().await? >= 1,
+        "the abandoned webhook stays in the outbox"
+    );
+
+    // A second deliverer (another aggregator, or the same one restarted) takes it over once
+    // the lease runs out.
+    let second = s.webhooks(options)?;
+    let second_stop = CancellationToken::new();
+    let second_run = tokio::spawn({
+        let (w, stop) = (second.clone(), second_stop.clone());
+        async move { w.run(stop, Duration::from_secs(1)).await }
+    });
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while second.pending().await? > 0 {
+        ensure!(Instant::now() < deadline, "webhooks still pending");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(*attempts_seen.lock().unwrap(), ["1", "2"]);
+    let dead = second.dead(10).await?;
+    assert_eq!(dead.len(), 1, "{dead:?}");
+    assert_eq!(dead[0].report_id, gone);
+    assert_eq!(dead[0].url, format!("{base}/gone"));
+    assert_eq!(dead[0].attempts, 1);
+    assert!(dead[0].reason.contains("410"), "{}", dead[0].reason);
+    assert!(dead.iter().all(|d| d.report_id != slow));
+
+    second_stop.cancel();
+    second_run.await?;
+    s.shutdown().await;
     receiver_stop.cancel();
     receiver_task.await??;
     Ok(())

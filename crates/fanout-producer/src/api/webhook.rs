@@ -1,8 +1,14 @@
 //! Webhooks: when a report with a `callback_url` finishes, POST its final JSON there, signed.
 //!
-//! The aggregator process calls [`on_finished_hook`] once per finished report; the hook only
-//! hands the delivery to a task tracker, so a slow or dead receiver never blocks assembly.
-//! Each delivery is tried `attempts` times with exponential backoff and jitter (a receiver's
+//! Deliveries are durable. The aggregator writes each finished report with a `callback_url` to
+//! an outbox in Redis before the report counts as assembled; [`Webhooks::run`] (the `fanout
+//! aggregator` process runs it; any number of them may) claims due entries with a lease,
+//! POSTs the stored report JSON and settles each entry. An entry whose deliverer died or was
+//! stopped mid-POST is claimed again when its lease runs out, so a webhook survives restarts and
+//! crashes: it is delivered, retried, or given up on with a reason (the `webhooks:dead` stream),
+//! never dropped. A slow or dead receiver never blocks assembly.
+//!
+//! Each webhook is tried `attempts` times with exponential backoff and jitter (a receiver's
 //! `retry-after` wins); 2xx is delivered, 408/425/429/5xx and network errors are retried,
 //! other answers (including redirects, which are not followed) give up at once.
 //!
@@ -12,20 +18,19 @@
 //! - `X-Fanout-Timestamp: <unix seconds>` (signed with the body: reject old ones to stop
 //!   replays)
 //! - `X-Fanout-Event: report.finished`, `X-Fanout-Report-Id: <id>` (the same on every attempt
-//!   and on a rare repeat after an aggregator crash: deduplicate on it), `X-Fanout-Attempt: <n>`
-//!
-//! Deliveries live in memory: those still retrying when the process stops are abandoned
-//! (logged). The report itself stays readable through the API.
+//!   and on a rare repeat after a crash: deduplicate on it), `X-Fanout-Attempt: <n>`
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
-use fanout_aggregator::{OnFinished, ReportView, render_json};
+use deadpool_redis::Pool;
+use fanout_aggregator::{Keys, Store};
 use fanout_core::Secret;
+use fanout_metrics::METRICS;
 use hmac::{Hmac, Mac};
 use rand::Rng;
+use redis::Script;
 use sha2::Sha256;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
@@ -40,22 +45,28 @@ pub const ATTEMPT_HEADER: &str = "x-fanout-attempt";
 /// The environment variable the binaries read the signing secret from.
 pub const SECRET_ENV: &str = "FANOUT_WEBHOOK_SECRET";
 
+/// Dead webhooks kept in the `webhooks:dead` stream (the oldest are trimmed).
+const DEAD_KEPT: u64 = 10_000;
+
 /// How deliveries are made.
 #[derive(Debug, Clone)]
 pub struct WebhookOptions {
     /// Signs every delivery; without one, deliveries are unsigned (a warning is logged).
     pub secret: Option<Secret>,
-    /// Tries per delivery, the first included.
+    /// Tries per webhook, the first included.
     pub attempts: u32,
     /// Backoff before the second try; doubles each time, with jitter, up to `max_delay`.
     pub base_delay: Duration,
     pub max_delay: Duration,
     /// Timeout of one POST.
     pub timeout: Duration,
-    /// POSTs in flight at once; more wait their turn.
+    /// How long a claimed webhook stays with its deliverer; past it (the deliverer died or
+    /// stopped), another one claims it. Longer than `timeout`.
+    pub lease: Duration,
+    /// How often the outbox is checked for due webhooks.
+    pub poll: Duration,
+    /// POSTs in flight at once per process.
     pub max_in_flight: usize,
-    /// Deliveries waiting or retrying at once; past this, new ones are dropped (logged).
-    pub max_pending: usize,
 }
 
 impl Default for WebhookOptions {
@@ -66,8 +77,9 @@ impl Default for WebhookOptions {
             base_delay: Duration::from_secs(1),
             max_delay: Duration::from_secs(60),
             timeout: Duration::from_secs(10),
+            lease: Duration::from_secs(30),
+            poll: Duration::from_millis(500),
             max_in_flight: 32,
-            max_pending: 10_000,
         }
     }
 }
@@ -91,9 +103,22 @@ impl WebhookOptions {
 pub enum WebhookError {
     #[error("cannot build the webhook http client: {0}")]
     Client(#[from] reqwest::Error),
+    #[error("webhook outbox: {0}")]
+    Redis(#[from] redis::RedisError),
+    #[error("webhook outbox: {0}")]
+    Pool(#[from] deadpool_redis::PoolError),
 }
 
-/// The delivery side of webhooks: hand it finished reports, it POSTs them in the background.
+/// A webhook given up on, from the `webhooks:dead` stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeadWebhook {
+    pub report_id: String,
+    pub url: String,
+    pub attempts: u32,
+    pub reason: String,
+}
+
+/// The delivery side of webhooks: [`Webhooks::run`] drains the outbox the aggregator fills.
 /// Cheap to clone.
 #[derive(Debug, Clone)]
 pub struct Webhooks {
@@ -104,15 +129,46 @@ pub struct Webhooks {
 struct Inner {
     client: reqwest::Client,
     options: WebhookOptions,
-    tracker: TaskTracker,
-    shutdown: CancellationToken,
-    permits: Semaphore,
-    pending: AtomicUsize,
+    pool: Pool,
+    keys: Keys,
+    /// Cancelled when the grace period after a stop runs out: POSTs in flight are dropped
+    /// (their entries are claimed again after the lease).
+    abandon: CancellationToken,
+}
+
+/// Claims up to `ARGV[1]` due webhooks for `ARGV[2]` ms on the Redis clock; returns
+/// `[id, attempt, …]`, counting the attempt now, so a deliverer that dies mid-POST used it.
+const CLAIM: &str = r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, tonumber(ARGV[1]))
+local out = {}
+for _, id in ipairs(ids) do
+  redis.call('ZADD', KEYS[1], 'XX', now + tonumber(ARGV[2]), id)
+  out[#out + 1] = id
+  out[#out + 1] = redis.call('HINCRBY', KEYS[2], id, 1)
+end
+return out
+";
+
+/// Puts a claimed webhook back, due `ARGV[2]` ms from now on the Redis clock (only if it is
+/// still in the outbox).
+const RESCHEDULE: &str = r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+return redis.call('ZADD', KEYS[1], 'XX', now + tonumber(ARGV[2]), ARGV[1])
+";
+
+/// How a delivery ended for the outbox.
+enum Settle {
+    Delivered,
+    Retry(Duration),
+    Dead(String),
 }
 
 impl Webhooks {
-    /// Deliveries stop retrying when `shutdown` is cancelled (see also [`Webhooks::drain`]).
-    pub fn new(options: WebhookOptions, shutdown: CancellationToken) -> Result<Self, WebhookError> {
+    /// Deliverer of the outbox that `store`'s aggregators fill.
+    pub fn new(options: WebhookOptions, store: &Store) -> Result<Self, WebhookError> {
         let client = reqwest::Client::builder()
             .timeout(options.timeout)
             .redirect(reqwest::redirect::Policy::none())
@@ -127,73 +183,248 @@ impl Webhooks {
         Ok(Self {
             inner: Arc::new(Inner {
                 client,
-                permits: Semaphore::new(options.max_in_flight.max(1)),
                 options,
-                tracker: TaskTracker::new(),
-                shutdown,
-                pending: AtomicUsize::new(0),
+                pool: store.pool().clone(),
+                keys: store.keys().clone(),
+                abandon: CancellationToken::new(),
             }),
         })
     }
 
-    /// Start delivering `view` to its `callback_url` (if it has one) in the background.
-    /// Returns whether a delivery was started. Never blocks.
-    pub fn dispatch(&self, view: &ReportView) -> bool {
-        let Some(url) = view.callback_url.clone() else {
-            return false;
-        };
-        let Ok(handle) = tokio::runtime::Handle::try_current() else {
-            warn!(report = %view.id, "webhook dropped: not called on a tokio runtime");
-            return false;
-        };
+    /// Deliver due webhooks until `shutdown`; then let POSTs in flight finish for up to
+    /// `grace` and drop the rest (their entries stay in the outbox, claimed again after the
+    /// lease). Redis trouble is logged and retried; this returns only after `shutdown`.
+    pub async fn run(&self, shutdown: CancellationToken, grace: Duration) {
         let inner = &self.inner;
-        if inner.pending.fetch_add(1, Ordering::Relaxed) >= inner.options.max_pending {
-            inner.pending.fetch_sub(1, Ordering::Relaxed);
-            warn!(report = %view.id, max_pending = inner.options.max_pending, "webhook dropped: too many deliveries pending");
-            return false;
+        let permits = Arc::new(Semaphore::new(inner.options.max_in_flight.max(1)));
+        let tracker = TaskTracker::new();
+        let claim = Script::new(CLAIM);
+        loop {
+            let free = permits.available_permits();
+            let mut claimed = Vec::new();
+            if free > 0 {
+                match self.claim(&claim, free).await {
+                    Ok(c) => claimed = c,
+                    Err(e) => warn!(error = %e, "claiming webhooks failed, will retry"),
+                }
+            }
+            let full = claimed.len() == free;
+            for (report_id, attempt) in claimed {
+                let permit = permits
+                    .clone()
+                    .try_acquire_owned()
+                    .expect("claimed no more than free permits");
+                let this = self.clone();
+                let span = tracing::info_span!("webhook", report = %report_id, attempt);
+                tracker.spawn(
+                    async move {
+                        this.deliver(&report_id, attempt).await;
+                        drop(permit);
+                    }
+                    .instrument(span),
+                );
+            }
+            // More may be due at once: claim again right away while slots were filled.
+            if full && free > 0 {
+                continue;
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = tokio::time::sleep(inner.options.poll) => {}
+            }
         }
-        let body = Bytes::from(render_json(view).to_string());
-        let host = reqwest::Url::parse(&url)
-            .ok()
-            .and_then(|u| u.host_str().map(str::to_owned))
-            .unwrap_or_default();
-        let span = tracing::info_span!("webhook", report = %view.id, host = %host);
-        let delivery = deliver(self.inner.clone(), url, view.id.clone(), body);
-        inner.tracker.spawn_on(delivery.instrument(span), &handle);
-        true
-    }
-
-    /// A hook for [`fanout_aggregator::AggregatorOptions::on_finished`].
-    pub fn hook(&self) -> OnFinished {
-        let this = self.clone();
-        Arc::new(move |view: ReportView| {
-            this.dispatch(&view);
-        })
-    }
-
-    /// Deliveries waiting, in flight or between retries.
-    pub fn pending(&self) -> usize {
-        self.inner.pending.load(Ordering::Relaxed)
-    }
-
-    /// Stop taking deliveries' retries further than `grace`: wait up to `grace` for what is
-    /// pending, then cancel the rest (they are logged as abandoned).
-    pub async fn drain(&self, grace: Duration) {
-        self.inner.tracker.close();
-        if tokio::time::timeout(grace, self.inner.tracker.wait())
-            .await
-            .is_err()
-        {
-            self.inner.shutdown.cancel();
-            self.inner.tracker.wait().await;
+        tracker.close();
+        if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
+            warn!(
+                in_flight = tracker.len(),
+                "webhooks still in flight at the end of the grace period: left to the next claim"
+            );
+            inner.abandon.cancel();
+            tracker.wait().await;
         }
     }
-}
 
-/// The aggregator's `on_finished` hook that delivers webhooks through `webhooks`. Compose it
-/// with other hooks by calling it from your own closure.
-pub fn on_finished_hook(webhooks: &Webhooks) -> OnFinished {
-    webhooks.hook()
+    /// Webhooks in the outbox: due, retrying or being delivered.
+    pub async fn pending(&self) -> Result<u64, WebhookError> {
+        let mut conn = self.inner.pool.get().await?;
+        Ok(redis::cmd("ZCARD")
+            .arg(self.inner.keys.webhooks_due())
+            .query_async(&mut conn)
+            .await?)
+    }
+
+    /// The most recent webhooks given up on, newest first.
+    pub async fn dead(&self, count: usize) -> Result<Vec<DeadWebhook>, WebhookError> {
+        let mut conn = self.inner.pool.get().await?;
+        let reply: redis::streams::StreamRangeReply = redis::cmd("XREVRANGE")
+            .arg(self.inner.keys.webhooks_dead())
+            .arg("+")
+            .arg("-")
+            .arg("COUNT")
+            .arg(count)
+            .query_async(&mut conn)
+            .await?;
+        Ok(reply
+            .ids
+            .into_iter()
+            .map(|e| {
+                let field = |name: &str| e.get::<String>(name).unwrap_or_default();
+                DeadWebhook {
+                    report_id: field("report"),
+                    url: field("url"),
+                    attempts: field("attempts").parse().unwrap_or(0),
+                    reason: field("reason"),
+                }
+            })
+            .collect())
+    }
+
+    async fn claim(&self, script: &Script, max: usize) -> Result<Vec<(String, u32)>, WebhookError> {
+        let keys = &self.inner.keys;
+        let mut conn = self.inner.pool.get().await?;
+        let flat: Vec<redis::Value> = script
+            .key(keys.webhooks_due())
+            .key(keys.webhooks_attempts())
+            .arg(max)
+            .arg(self.inner.options.lease.as_millis() as u64)
+            .invoke_async(&mut conn)
+            .await?;
+        Ok(flat
+            .chunks_exact(2)
+            .filter_map(|pair| {
+                let id: String = redis::from_redis_value_ref(&pair[0]).ok()?;
+                let attempt: u32 = redis::from_redis_value_ref(&pair[1]).ok()?;
+                Some((id, attempt))
+            })
+            .collect())
+    }
+
+    /// One attempt at one claimed webhook, then its entry settled.
+    async fn deliver(&self, report_id: &str, attempt: u32) {
+        let inner = &self.inner;
+        let (url, body) = match self.load(report_id).await {
+            Ok(found) => found,
+            Err(e) => {
+                // Left claimed: tried again after the lease.
+                warn!(error = %e, "reading a webhook failed, will retry after its lease");
+                return;
+            }
+        };
+        let Some(url) = url else {
+            // Settled elsewhere meanwhile (a repeat claim after a lease ran out).
+            debug!("webhook no longer in the outbox");
+            return;
+        };
+        let attempts = inner.options.attempts.max(1);
+        let settle = match body {
+            None => Settle::Dead("the report expired before its webhook was delivered".into()),
+            Some(_) if attempt > attempts => Settle::Dead(format!(
+                "{attempts} attempts started without an answer (deliverers stopped mid-request)"
+            )),
+            Some(body) => {
+                let body = Bytes::from(body);
+                let outcome = tokio::select! {
+                    _ = inner.abandon.cancelled() => return,
+                    o = try_once(inner, &url, report_id, &body, attempt) => o,
+                };
+                match outcome {
+                    Try::Delivered => Settle::Delivered,
+                    Try::Retry(_, reason) if attempt >= attempts => {
+                        Settle::Dead(format!("{attempts} attempts failed; the last: {reason}"))
+                    }
+                    Try::Retry(hint, _) => Settle::Retry(backoff(&inner.options, attempt, hint)),
+                    Try::GiveUp(reason) => Settle::Dead(reason),
+                }
+            }
+        };
+        if let Err(e) = self.settle(report_id, &url, attempt, settle).await {
+            warn!(error = %e, "settling a webhook failed, it will be claimed again after its lease");
+        }
+    }
+
+    /// The callback URL (None: no longer in the outbox) and the stored report JSON (None:
+    /// expired).
+    async fn load(
+        &self,
+        report_id: &str,
+    ) -> Result<(Option<String>, Option<Vec<u8>>), WebhookError> {
+        let keys = &self.inner.keys;
+        let mut conn = self.inner.pool.get().await?;
+        let url: Option<String> = redis::cmd("HGET")
+            .arg(keys.webhooks_url())
+            .arg(report_id)
+            .query_async(&mut conn)
+            .await?;
+        let body: Option<Vec<u8>> = redis::cmd("GET")
+            .arg(keys.report(report_id).doc_json())
+            .query_async(&mut conn)
+            .await?;
+        Ok((url, body))
+    }
+
+    async fn settle(
+        &self,
+        report_id: &str,
+        url: &str,
+        attempt: u32,
+        settle: Settle,
+    ) -> Result<(), WebhookError> {
+        let keys = &self.inner.keys;
+        let mut conn = self.inner.pool.get().await?;
+        let outcome = match &settle {
+            Settle::Delivered => "delivered",
+            Settle::Retry(_) => "retried",
+            Settle::Dead(_) => "dead",
+        };
+        METRICS.webhooks.with_label_values(&[outcome]).inc();
+        match settle {
+            Settle::Retry(wait) => {
+                debug!(wait_ms = wait.as_millis() as u64, "webhook will retry");
+                let _: i64 = Script::new(RESCHEDULE)
+                    .key(keys.webhooks_due())
+                    .arg(report_id)
+                    .arg(wait.as_millis() as u64)
+                    .invoke_async(&mut conn)
+                    .await?;
+            }
+            Settle::Delivered | Settle::Dead(_) => {
+                let mut pipe = redis::pipe();
+                pipe.atomic()
+                    .cmd("ZREM")
+                    .arg(keys.webhooks_due())
+                    .arg(report_id)
+                    .ignore()
+                    .cmd("HDEL")
+                    .arg(keys.webhooks_url())
+                    .arg(report_id)
+                    .ignore()
+                    .cmd("HDEL")
+                    .arg(keys.webhooks_attempts())
+                    .arg(report_id)
+                    .ignore();
+                if let Settle::Dead(reason) = &settle {
+                    warn!(attempt, %reason, "webhook given up on");
+                    pipe.cmd("XADD")
+                        .arg(keys.webhooks_dead())
+                        .arg("MAXLEN")
+                        .arg("~")
+                        .arg(DEAD_KEPT)
+                        .arg("*")
+                        .arg("report")
+                        .arg(report_id)
+                        .arg("url")
+                        .arg(url)
+                        .arg("attempts")
+                        .arg(attempt)
+                        .arg("reason")
+                        .arg(reason)
+                        .ignore();
+                }
+                let _: () = pipe.query_async(&mut conn).await?;
+            }
+        }
+        Ok(())
+    }
 }
 
 /// `sha256=<hex HMAC-SHA256(secret, "<timestamp>.<body>")>`, the `X-Fanout-Signature` value.
@@ -229,48 +460,10 @@ fn mac(secret: &str, timestamp: &str, body: &[u8]) -> Hmac<Sha256> {
 /// What one try came to.
 enum Try {
     Delivered,
-    /// Retry, after at least this long if the receiver said so.
-    Retry(Option<Duration>),
-    GiveUp,
-}
-
-async fn deliver(inner: Arc<Inner>, url: String, report_id: String, body: Bytes) {
-    let options = &inner.options;
-    let attempts = options.attempts.max(1);
-    let permit = tokio::select! {
-        _ = inner.shutdown.cancelled() => None,
-        p = inner.permits.acquire() => p.ok(),
-    };
-    if permit.is_some() {
-        for attempt in 1..=attempts {
-            let outcome = try_once(&inner, &url, &report_id, &body, attempt).await;
-            let wait = match outcome {
-                Try::Delivered | Try::GiveUp => break,
-                Try::Retry(_) if attempt == attempts => {
-                    warn!(attempts, "webhook not delivered, giving up");
-                    break;
-                }
-                Try::Retry(hint) => backoff(options, attempt, hint),
-            };
-            debug!(
-                attempt,
-                wait_ms = wait.as_millis() as u64,
-                "webhook will retry"
-            );
-            let shutdown = tokio::select! {
-                _ = inner.shutdown.cancelled() => true,
-                _ = tokio::time::sleep(wait) => false,
-            };
-            if shutdown {
-                warn!(attempt, "webhook abandoned at shutdown");
-                break;
-            }
-        }
-    } else {
-        warn!("webhook abandoned at shutdown");
-    }
-    drop(permit);
-    inner.pending.fetch_sub(1, Ordering::Relaxed);
+    /// Retry, after at least this long if the receiver said so; why it failed.
+    Retry(Option<Duration>, String),
+    /// Not worth retrying, and why.
+    GiveUp(String),
 }
 
 async fn try_once(inner: &Inner, url: &str, report_id: &str, body: &Bytes, attempt: u32) -> Try {
@@ -291,12 +484,7 @@ async fn try_once(inner: &Inner, url: &str, report_id: &str, body: &Bytes, attem
     if let Some(secret) = &inner.options.secret {
         req = req.header(SIGNATURE_HEADER, sign(secret.expose(), &timestamp, body));
     }
-    let send = req.send();
-    let result = tokio::select! {
-        _ = inner.shutdown.cancelled() => return Try::GiveUp,
-        r = send => r,
-    };
-    match result {
+    match req.send().await {
         Ok(resp) => {
             let status = resp.status();
             if status.is_success() {
@@ -316,23 +504,27 @@ async fn try_once(inner: &Inner, url: &str, report_id: &str, body: &Bytes, attem
                     status = status.as_u16(),
                     "webhook receiver failed, will retry"
                 );
-                Try::Retry(hint)
+                Try::Retry(hint, format!("the receiver answered {status}"))
             } else {
                 warn!(
                     attempt,
                     status = status.as_u16(),
                     "webhook rejected by the receiver, not retried"
                 );
-                Try::GiveUp
+                Try::GiveUp(format!("the receiver answered {status}, not retried"))
             }
         }
         Err(e) if e.is_builder() => {
             warn!(error = %e, "webhook url is not usable, not retried");
-            Try::GiveUp
+            Try::GiveUp(format!(
+                "the callback url is not usable: {}",
+                e.without_url()
+            ))
         }
         Err(e) => {
-            warn!(attempt, error = %e.without_url(), "webhook request failed, will retry");
-            Try::Retry(None)
+            let e = e.without_url();
+            warn!(attempt, error = %e, "webhook request failed, will retry");
+            Try::Retry(None, format!("the request failed: {e}"))
         }
     }
 }
