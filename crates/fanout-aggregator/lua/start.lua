@@ -4,24 +4,38 @@
 -- ARGV[1..4]   ttl, events maxlen, notify maxlen, report id (see lib.lua)
 -- ARGV[5]      job id
 -- ARGV[6]      the queue's attempt number (shown in the event)
+-- ARGV[7..]    optional: report fields to return with "run" (the job's context)
 --
 -- Returns: "run", "already_done" (the job is terminal), "cancelled" (the report or the job
--- was cancelled) or "missing" (unknown job, or the report expired or never existed).
+-- was cancelled) or "missing" (unknown job, or the report expired or never existed). With
+-- ARGV[7..], each is the first element of an array, and "run" is followed by the job's node
+-- and the named report fields.
 
 local job = ARGV[5]
+local fields = {}
+for i = 7, #ARGV do
+  fields[#fields + 1] = ARGV[i]
+end
+local function reply(r)
+  if #fields == 0 then
+    return r
+  end
+  return { r }
+end
+
 local status = redis.call('HGET', KEYS[K_META], 'status')
 if not status then
-  return 'missing'
+  return reply('missing')
 end
 local st = redis.call('HGET', KEYS[K_STATE], job)
 if not st then
-  return 'missing'
+  return reply('missing')
 end
 if st == 'cancelled' or status == 'cancelled' then
-  return 'cancelled'
+  return reply('cancelled')
 end
 if TERMINAL[st] then
-  return 'already_done'
+  return reply('already_done')
 end
 
 local now = now_ms()
@@ -29,4 +43,12 @@ redis.call('HSET', KEYS[K_STATE], job, 'running')
 redis.call('HSETNX', KEYS[K_INFO], job .. '|started', now)
 redis.call('HINCRBY', KEYS[K_INFO], job .. '|attempts', 1)
 event('section.started', job, 'running', 'attempt ' .. ARGV[6], now)
-return 'run'
+if #fields == 0 then
+  return 'run'
+end
+local out = { 'run', redis.call('HGET', KEYS[K_NODES], job) or false }
+local values = redis.call('HMGET', KEYS[K_META], unpack(fields))
+for i = 1, #fields do
+  out[#out + 1] = values[i]
+end
+return out

@@ -14,6 +14,6 @@ pub use error::{Error, Result};
 pub use keys::{Keys, ReportKeys};
 pub use store::{
     Created, EVENTS_MAXLEN, Format, JobContext, NOTIFY_MAXLEN, NewReport, Released, ReportEvent,
-    SectionResult, StartOutcome, Store,
+    SectionResult, StartOutcome, Started, Store,
 };
 pub use view::{ReportView, SectionView, Totals};

@@ -56,6 +56,10 @@ pub struct Created {
     pub ready: Vec<JobNode>,
 }
 
+/// The report fields a job's context is built from, in the order [`Store::build_context`]
+/// reads them.
+const CONTEXT_META: [&str; 4] = ["template", "inputs", "layout", "lane"];
+
 /// Whether a worker should run the job it claimed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum StartOutcome {
@@ -67,6 +71,15 @@ pub enum StartOutcome {
     Cancelled,
     /// The report is unknown or expired: ack and drop.
     Missing,
+}
+
+/// What [`Store::start_with_context`] found.
+#[derive(Debug, Clone)]
+pub enum Started {
+    /// The job is marked running: run it with this context.
+    Run(Box<JobContext>),
+    /// Not to be run: why ([`StartOutcome::AlreadyDone`], `Cancelled` or `Missing`).
+    Not(StartOutcome),
 }
 
 /// The outcome of one successful section call.
@@ -344,7 +357,7 @@ impl Store {
             redis::pipe()
                 .cmd("HMGET")
                 .arg(keys.meta())
-                .arg(&["template", "inputs", "layout", "lane"])
+                .arg(&CONTEXT_META)
                 .cmd("HGET")
                 .arg(keys.nodes())
                 .arg(job_id)
@@ -354,6 +367,66 @@ impl Store {
                 .query_async(&mut conn)
                 .await
                 .map_err(|e| self.broken(e))?;
+        self.build_context(&mut conn, report_id, job_id, meta, node, state)
+            .await
+    }
+
+    /// [`Store::start`] and, when the job is to run, its [`Store::job_context`]: the script
+    /// that marks it running returns the report's fields too, so a worker pays one round trip
+    /// for both (two when the job has dependencies, whose outputs are read next).
+    pub async fn start_with_context(
+        &self,
+        report_id: &str,
+        job_id: &str,
+        attempt: u32,
+    ) -> Result<Started> {
+        let mut inv = self.invocation(&self.scripts.start, report_id);
+        inv.arg(job_id).arg(attempt).arg(&CONTEXT_META);
+        let mut conn = self.conn().await?;
+        let reply: Vec<Option<String>> = inv
+            .invoke_async(&mut conn)
+            .await
+            .map_err(|e| self.broken(e))?;
+        let mut reply = reply.into_iter();
+        match reply.next().flatten().as_deref() {
+            Some("run") => {}
+            Some("already_done") => return Ok(Started::Not(StartOutcome::AlreadyDone)),
+            Some("cancelled") => return Ok(Started::Not(StartOutcome::Cancelled)),
+            Some("missing") => return Ok(Started::Not(StartOutcome::Missing)),
+            other => {
+                return Err(Error::corrupt(
+                    report_id,
+                    format!("start replied `{other:?}`"),
+                ));
+            }
+        };
+        let node = reply.next().flatten();
+        let meta: Vec<Option<String>> = reply.collect();
+        let ctx = self
+            .build_context(
+                &mut conn,
+                report_id,
+                job_id,
+                meta,
+                node,
+                Some("running".to_owned()),
+            )
+            .await?;
+        Ok(Started::Run(Box::new(ctx)))
+    }
+
+    /// A [`JobContext`] from the report's [`CONTEXT_META`] fields, the job's node and state, with
+    /// its dependencies' outputs read on `conn`.
+    async fn build_context(
+        &self,
+        conn: &mut redis::aio::MultiplexedConnection,
+        report_id: &str,
+        job_id: &str,
+        meta: Vec<Option<String>>,
+        node: Option<String>,
+        state: Option<String>,
+    ) -> Result<JobContext> {
+        let keys = self.keys.report(report_id);
         let mut meta = meta.into_iter();
         let (Some(Some(template)), Some(Some(inputs)), Some(Some(layout)), Some(lane)) =
             (meta.next(), meta.next(), meta.next(), meta.next())
@@ -405,11 +478,10 @@ impl Store {
             redis::cmd("HMGET")
                 .arg(keys.results())
                 .arg(dep_jobs.iter().map(|e| &e.id).collect::<Vec<_>>())
-                .query_async(&mut conn)
+                .query_async(conn)
                 .await
                 .map_err(|e| self.broken(e))?
         };
-        drop(conn);
         let mut by_job: HashMap<&str, Option<String>> = HashMap::new();
         for (e, raw) in dep_jobs.iter().zip(texts) {
             let text = match raw {

@@ -6,7 +6,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::*;
-use fanout_aggregator::{Error, Format, StartOutcome, render_markdown};
+use fanout_aggregator::{Error, Format, StartOutcome, Started, render_markdown};
 use fanout_core::{DepOutput, ReportStatus, SectionState};
 use redis::Commands;
 use serde_json::json;
@@ -117,8 +117,33 @@ async fn complete_releases_a_dependent_only_when_all_its_inputs_are_done() {
     assert_eq!(ctx.inputs, json!({"idea": "a tea shop"}));
     assert_eq!(ctx.template.name, "diamond");
 
+    // What a worker gets in one call: the job marked running and the same context.
+    let Started::Run(started) = env.store.start_with_context(&r, "c", 1).await.unwrap() else {
+        panic!("c is ready: it runs");
+    };
+    assert_eq!(started.state, SectionState::Running);
+    assert_eq!(
+        (&started.deps, &started.inputs, &started.node, started.lane),
+        (&ctx.deps, &ctx.inputs, &ctx.node, ctx.lane)
+    );
+    assert_eq!(started.template, ctx.template);
+    let c = env.store.view(&r).await.unwrap().unwrap();
+    assert_eq!(c.section("c").unwrap().state, SectionState::Running);
+
     let after_c = env.store.complete(&r, "c", result("C")).await.unwrap();
     assert_eq!(ids(&after_c.ready), ["d", "e"]);
+    assert!(matches!(
+        env.store.start_with_context(&r, "c", 2).await.unwrap(),
+        Started::Not(StartOutcome::AlreadyDone)
+    ));
+    assert!(matches!(
+        env.store.start_with_context(&r, "zzz", 1).await.unwrap(),
+        Started::Not(StartOutcome::Missing)
+    ));
+    assert!(matches!(
+        env.store.start_with_context("nope", "a", 1).await.unwrap(),
+        Started::Not(StartOutcome::Missing)
+    ));
 }
 
 #[tokio::test]

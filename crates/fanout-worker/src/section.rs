@@ -3,7 +3,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use fanout_aggregator::{Released, SectionResult, StartOutcome, Store};
+use fanout_aggregator::{Released, SectionResult, StartOutcome, Started, Store};
 use fanout_core::Config;
 use fanout_core::job::SectionJob;
 use fanout_llm::{CallError, ChatRequest, ChatResponse, LlmClient, ResponseCache, RetryPolicy};
@@ -164,9 +164,12 @@ impl SectionHandler {
         lane: &str,
     ) -> anyhow::Result<(Outcome, Option<String>)> {
         let store = &self.deps.store;
-        match store.start(&job.report_id, &job.job_id, d.attempt).await? {
-            StartOutcome::Run => {}
-            StartOutcome::AlreadyDone => {
+        let ctx = match store
+            .start_with_context(&job.report_id, &job.job_id, d.attempt)
+            .await?
+        {
+            Started::Run(ctx) => ctx,
+            Started::Not(StartOutcome::AlreadyDone) => {
                 // A previous delivery finished the section but died before enqueueing what it
                 // released (or before the ack): release again, idempotently.
                 let released = store.released(&job.report_id, &job.job_id).await?;
@@ -174,9 +177,8 @@ impl SectionHandler {
                     .await?;
                 return Ok((Outcome::Done, None));
             }
-            StartOutcome::Cancelled | StartOutcome::Missing => return Ok((Outcome::Done, None)),
-        }
-        let ctx = store.job_context(&job.report_id, &job.job_id).await?;
+            Started::Not(_) => return Ok((Outcome::Done, None)),
+        };
         let section = ctx.node.section.clone();
         METRICS
             .jobs_started
