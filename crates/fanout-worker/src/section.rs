@@ -155,7 +155,29 @@ fn outcome_label(o: &Outcome) -> &'static str {
     }
 }
 
+/// How often a job backing off between provider attempts looks whether its report was
+/// cancelled.
+const CANCEL_CHECK: Duration = Duration::from_secs(1);
+
 impl SectionHandler {
+    /// Sleep `delay` before the next attempt, looking every [`CANCEL_CHECK`] whether the report
+    /// was cancelled meanwhile: true if it was (stop; the job slot is free at once rather than
+    /// after a backoff of up to `queue.retry_max_ms`).
+    async fn back_off(&self, report_id: &str, delay: Duration) -> anyhow::Result<bool> {
+        let until = Instant::now() + delay;
+        loop {
+            let left = until.saturating_duration_since(Instant::now());
+            tokio::time::sleep(left.min(CANCEL_CHECK)).await;
+            let status = self.deps.store.status(report_id).await?;
+            if status == Some(fanout_core::ReportStatus::Cancelled) {
+                return Ok(true);
+            }
+            if Instant::now() >= until {
+                return Ok(false);
+            }
+        }
+    }
+
     /// Returns the outcome and the section id (for metrics) once the job is known.
     async fn run(
         &self,
@@ -336,9 +358,7 @@ impl SectionHandler {
                                 attempt, status = %status, kind = ?err.kind, delay_ms = delay.as_millis() as u64,
                                 error = %err.message, "llm call failed, will retry"
                             );
-                            tokio::time::sleep(delay).await;
-                            let status = self.deps.store.status(&job.report_id).await?;
-                            if status == Some(fanout_core::ReportStatus::Cancelled) {
+                            if self.back_off(&job.report_id, delay).await? {
                                 return Ok((Outcome::Done, Some(section)));
                             }
                             if rate_limited {

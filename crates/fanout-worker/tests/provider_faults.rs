@@ -769,12 +769,14 @@ async fn section_costs_are_usage_times_price_and_the_report_total_is_their_sum()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cancelling_a_report_stops_the_retries_of_its_sections() -> Result<()> {
-    // One job slot, so the next report can only run once the cancelled job let go of it.
+    // One job slot, so the next report can only run once the cancelled job let go of it. The
+    // backoff between attempts (60 s) is longer than the test may take: the job notices the
+    // cancel while backing off.
     let stack = Stack::start(Spec {
         env: vec![
             ("FANOUT_QUEUE__MAX_ATTEMPTS", "100".into()),
-            ("FANOUT_QUEUE__RETRY_BASE_MS", "1000".into()),
-            ("FANOUT_QUEUE__RETRY_MAX_MS", "1000".into()),
+            ("FANOUT_QUEUE__RETRY_BASE_MS", "60000".into()),
+            ("FANOUT_QUEUE__RETRY_MAX_MS", "60000".into()),
         ],
         concurrency: 1,
         ..Spec::default()
@@ -809,7 +811,8 @@ async fn cancelling_a_report_stops_the_retries_of_its_sections() -> Result<()> {
     assert_eq!(view.status, ReportStatus::Cancelled);
     assert_eq!(sec(&view, "doomed").state, SectionState::Cancelled);
     assert_eq!(sec(&view, "after").state, SectionState::Cancelled);
-    // The slot is free again: another report runs.
+    // The slot is free again: another report runs (within FINISH_WITHIN, not after the
+    // 60 s backoff).
     let t = stack.template("next", "gpt-4o-mini", false, &[section("next", "")]);
     let next = stack.submit_and_wait(&t).await?;
     assert_eq!(next.status, ReportStatus::Completed, "{next:#?}");
