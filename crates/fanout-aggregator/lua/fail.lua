@@ -5,6 +5,7 @@
 -- ARGV[1..4]   ttl, events maxlen, notify maxlen, report id (see lib.lua)
 -- ARGV[5]      job id
 -- ARGV[6]      reason
+-- ARGV[7]      provider attempts of the last delivery (0: none beyond the starts)
 --
 -- Returns: {"ok", report status, JobNode JSON of each dependent that is ready now …}
 --      or  {"missing"} (the report expired or never existed), {"unknown_job"}.
@@ -23,7 +24,8 @@ if TERMINAL[st] then
 else
   local now = now_ms()
   redis.call('HSET', KEYS[K_STATE], job, 'failed')
-  redis.call('HSET', KEYS[K_INFO], job .. '|error', ARGV[6], job .. '|finished', now)
+  redis.call('HSET', KEYS[K_INFO], job .. '|error', ARGV[6], job .. '|finished', now,
+    job .. '|tries', tonumber(ARGV[7]) or 0)
   redis.call('HINCRBY', KEYS[K_META], 'terminal', 1)
   event('section.failed', job, 'failed', ARGV[6], now)
   settle(job, 'failed', now)

@@ -8,7 +8,7 @@
 -- KEYS[5]  dependents  HASH   job id -> JSON array of the job ids that depend on it
 -- KEYS[6]  flags       HASH   job id -> "s" (skip on dependency failure) and/or "o" (optional)
 -- KEYS[7]  results     HASH   job id -> SectionResult JSON (written once)
--- KEYS[8]  info        HASH   "<job>|started", "<job>|finished", "<job>|attempts", "<job>|error"
+-- KEYS[8]  info        HASH   "<job>|started", "<job>|finished", "<job>|attempts" (starts), "<job>|tries" (provider attempts of a failed job), "<job>|error"
 -- KEYS[9]  events      STREAM the report's event log (kind, job_id, state, message, ts)
 -- KEYS[10] notify      STREAM `{ns}:events`, read by the aggregator processes (report_id, kind)
 --

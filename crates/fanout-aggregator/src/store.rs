@@ -571,8 +571,20 @@ impl Store {
     /// skipped (transitively); `continue` ones are released when ready. Idempotent like
     /// [`Store::complete`]; a job that is already terminal keeps its state.
     pub async fn fail(&self, report_id: &str, job_id: &str, reason: &str) -> Result<Released> {
+        self.fail_after(report_id, job_id, reason, 0).await
+    }
+
+    /// [`Store::fail`] after `attempts` provider attempts in the last delivery: the section's
+    /// `attempts` shows the larger of that and its starts, as a completed section's does.
+    pub async fn fail_after(
+        &self,
+        report_id: &str,
+        job_id: &str,
+        reason: &str,
+        attempts: u32,
+    ) -> Result<Released> {
         let mut inv = self.invocation(&self.scripts.fail, report_id);
-        inv.arg(job_id).arg(reason);
+        inv.arg(job_id).arg(reason).arg(attempts);
         self.released_reply(inv, report_id, job_id).await
     }
 

@@ -62,7 +62,8 @@ pub struct SectionView {
     pub cost: f64,
     /// Provider latency of the successful call.
     pub latency_ms: Option<u64>,
-    /// Starts of the job (deliveries that reached the provider).
+    /// Attempts: the job's starts (deliveries), or the provider calls of the delivery that
+    /// finished it when more.
     pub attempts: u32,
     pub cached: bool,
     pub started_at: Option<u64>,
@@ -185,9 +186,12 @@ pub(crate) fn build(report: &str, raw: RawReport, now_ms: u64) -> Result<Option<
             ),
             None => None,
         };
-        let started: u32 = info(&entry.id, "attempts")
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0);
+        let count = |field: &str| -> u32 {
+            info(&entry.id, field)
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0)
+        };
+        let started = count("attempts").max(count("tries"));
         let mut s = SectionView {
             job_id: entry.id.clone(),
             section: entry.section,

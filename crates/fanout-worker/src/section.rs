@@ -128,7 +128,7 @@ impl Handler for SectionHandler {
                     .job_context(&job.report_id, &job.job_id)
                     .await?;
                 let lane = ctx.lane.to_string();
-                self.fail(&job, &ctx.node.section, &lane, "dead_letter", &reason)
+                self.fail(&job, &ctx.node.section, &lane, "dead_letter", &reason, 0)
                     .await
             }
             .await;
@@ -217,7 +217,7 @@ impl SectionHandler {
             Ok(p) => p,
             Err(e) => {
                 let reason = format!("prompt could not be rendered: {e}");
-                self.fail(job, &section, lane, "render", &reason).await?;
+                self.fail(job, &section, lane, "render", &reason, 0).await?;
                 return Ok((Outcome::Done, Some(section)));
             }
         };
@@ -373,7 +373,8 @@ impl SectionHandler {
                                 "section failed"
                             );
                             let kind = format!("{:?}", err.kind).to_lowercase();
-                            self.fail(job, &section, lane, &kind, &reason).await?;
+                            self.fail(job, &section, lane, &kind, &reason, attempt)
+                                .await?;
                             return Ok((Outcome::Done, Some(section)));
                         }
                     }
@@ -440,6 +441,7 @@ impl SectionHandler {
         self.enqueue_released(&job.report_id, &released, lane).await
     }
 
+    /// Fail the section for good after `attempts` provider calls in this delivery.
     async fn fail(
         &self,
         job: &SectionJob,
@@ -447,11 +449,12 @@ impl SectionHandler {
         lane: &str,
         kind: &str,
         reason: &str,
+        attempts: u32,
     ) -> anyhow::Result<()> {
         let released = self
             .deps
             .store
-            .fail(&job.report_id, &job.job_id, reason)
+            .fail_after(&job.report_id, &job.job_id, reason, attempts)
             .await?;
         METRICS
             .jobs_failed

@@ -372,6 +372,7 @@ async fn a_section_the_provider_always_fails_gives_up_after_max_attempts() -> Re
     let reason = s.reason.as_deref().unwrap_or_default();
     assert!(reason.contains("gave up after 3 attempts"), "{reason}");
     assert!(reason.contains("500"), "{reason}");
+    assert_eq!(s.attempts, 3, "the provider attempts, in one delivery");
     assert_eq!(sec(&view, "after").state, SectionState::Skipped);
     // Bounded by max_attempts: exactly three provider requests, none for the dependent.
     let stats = stack.stats().totals;
