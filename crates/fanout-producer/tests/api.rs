@@ -985,6 +985,58 @@ async fn a_finished_report_is_not_cancelled() -> Result<()> {
     Ok(())
 }
 
+/// A webhook receiver: `router` served on 127.0.0.1:0 until [`Receiver::stop`].
+struct Receiver {
+    base: String,
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+impl Receiver {
+    async fn start(router: axum::Router) -> Result<Self> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let base = format!("http://{}", listener.local_addr()?);
+        let stop = CancellationToken::new();
+        let task = tokio::spawn({
+            let stop = stop.clone().cancelled_owned();
+            async move {
+                axum::serve(listener, router)
+                    .with_graceful_shutdown(stop)
+                    .await
+            }
+        });
+        Ok(Self { base, stop, task })
+    }
+
+    async fn stop(self) -> Result<()> {
+        self.stop.cancel();
+        Ok(self.task.await??)
+    }
+}
+
+/// [`Webhooks::run`] on its own task, as `fanout aggregator` runs it, until [`Deliverer::stop`]
+/// (then `grace` for POSTs in flight).
+struct Deliverer {
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Deliverer {
+    fn start(webhooks: &Webhooks, grace: Duration) -> Self {
+        let stop = CancellationToken::new();
+        let task = tokio::spawn({
+            let (webhooks, stop) = (webhooks.clone(), stop.clone());
+            async move { webhooks.run(stop, grace).await }
+        });
+        Self { stop, task }
+    }
+
+    async fn stop(self) -> Result<()> {
+        self.stop.cancel();
+        Ok(self.task.await?)
+    }
+}
+
 /// What the webhook receiver saw.
 #[derive(Debug)]
 struct Delivery {
@@ -1015,17 +1067,8 @@ async fn a_finished_report_is_posted_to_its_callback_signed_and_retried() -> Res
             }
         }),
     );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let hook_url = format!("http://{}/hook", listener.local_addr()?);
-    let receiver_stop = CancellationToken::new();
-    let receiver_task = tokio::spawn({
-        let stop = receiver_stop.clone().cancelled_owned();
-        async move {
-            axum::serve(listener, receiver)
-                .with_graceful_shutdown(stop)
-                .await
-        }
-    });
+    let receiver = Receiver::start(receiver).await?;
+    let hook_url = format!("{}/hook", receiver.base);
 
     let s = Stack::start(Options {
         pipeline: pipeline(),
@@ -1037,11 +1080,7 @@ async fn a_finished_report_is_posted_to_its_callback_signed_and_retried() -> Res
         base_delay: Duration::from_millis(50),
         ..WebhookOptions::default()
     })?;
-    let hooks_stop = CancellationToken::new();
-    let delivering = tokio::spawn({
-        let (webhooks, stop) = (webhooks.clone(), hooks_stop.clone());
-        async move { webhooks.run(stop, Duration::from_secs(1)).await }
-    });
+    let delivering = Deliverer::start(&webhooks, Duration::from_secs(1));
     let mut body = panel(2, None);
     body["callback_url"] = json!(hook_url);
     let (status, _, created) = s
@@ -1098,11 +1137,9 @@ async fn a_finished_report_is_posted_to_its_callback_signed_and_retried() -> Res
     }
     assert_eq!(calls.load(Ordering::SeqCst), 2);
     assert!(webhooks.dead(10).await?.is_empty());
-    hooks_stop.cancel();
-    delivering.await?;
+    delivering.stop().await?;
     s.shutdown().await;
-    receiver_stop.cancel();
-    receiver_task.await??;
+    receiver.stop().await?;
     Ok(())
 }
 
@@ -1135,17 +1172,8 @@ async fn a_webhook_outlives_its_deliverer_and_a_refused_one_is_kept_with_its_rea
             }),
         )
         .route("/gone", axum::routing::post(|| async { StatusCode::GONE }));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let base = format!("http://{}", listener.local_addr()?);
-    let receiver_stop = CancellationToken::new();
-    let receiver_task = tokio::spawn({
-        let stop = receiver_stop.clone().cancelled_owned();
-        async move {
-            axum::serve(listener, receiver)
-                .with_graceful_shutdown(stop)
-                .await
-        }
-    });
+    let receiver = Receiver::start(receiver).await?;
+    let base = receiver.base.clone();
 
     let s = Stack::start(Options {
         pipeline: pipeline(),
@@ -1186,18 +1214,13 @@ async fn a_webhook_outlives_its_deliverer_and_a_refused_one_is_kept_with_its_rea
 
     // The first deliverer stops (no grace) while its POST to /slow hangs.
     let first = s.webhooks(options.clone())?;
-    let first_stop = CancellationToken::new();
-    let first_run = tokio::spawn({
-        let (w, stop) = (first.clone(), first_stop.clone());
-        async move { w.run(stop, Duration::ZERO).await }
-    });
+    let first_run = Deliverer::start(&first, Duration::ZERO);
     let deadline = Instant::now() + Duration::from_secs(30);
     while slow_calls.load(Ordering::SeqCst) == 0 {
         ensure!(Instant::now() < deadline, "no delivery to /slow");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    first_stop.cancel();
-    first_run.await?;
+    first_run.stop().await?;
     assert!(
         first.pending().await? >= 1,
         "the abandoned webhook stays in the outbox"
@@ -1206,11 +1229,7 @@ async fn a_webhook_outlives_its_deliverer_and_a_refused_one_is_kept_with_its_rea
     // A second deliverer (another aggregator, or the same one restarted) takes it over once
     // the lease runs out.
     let second = s.webhooks(options)?;
-    let second_stop = CancellationToken::new();
-    let second_run = tokio::spawn({
-        let (w, stop) = (second.clone(), second_stop.clone());
-        async move { w.run(stop, Duration::from_secs(1)).await }
-    });
+    let second_run = Deliverer::start(&second, Duration::from_secs(1));
     let deadline = Instant::now() + Duration::from_secs(30);
     while second.pending().await? > 0 {
         ensure!(Instant::now() < deadline, "webhooks still pending");
@@ -1225,11 +1244,9 @@ async fn a_webhook_outlives_its_deliverer_and_a_refused_one_is_kept_with_its_rea
     assert!(dead[0].reason.contains("410"), "{}", dead[0].reason);
     assert!(dead.iter().all(|d| d.report_id != slow));
 
-    second_stop.cancel();
-    second_run.await?;
+    second_run.stop().await?;
     s.shutdown().await;
-    receiver_stop.cancel();
-    receiver_task.await??;
+    receiver.stop().await?;
     Ok(())
 }
 
