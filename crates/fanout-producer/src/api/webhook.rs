@@ -199,13 +199,21 @@ impl Webhooks {
         let permits = Arc::new(Semaphore::new(inner.options.max_in_flight.max(1)));
         let tracker = TaskTracker::new();
         let claim = Script::new(CLAIM);
+        // Consecutive failed claims: the poll backs off (to 32 × `poll`) while Redis is away.
+        let mut failures = 0u32;
         loop {
             let free = permits.available_permits();
             let mut claimed = Vec::new();
             if free > 0 {
                 match self.claim(&claim, free).await {
-                    Ok(c) => claimed = c,
-                    Err(e) => warn!(error = %e, "claiming webhooks failed, will retry"),
+                    Ok(c) => {
+                        claimed = c;
+                        failures = 0;
+                    }
+                    Err(e) => {
+                        failures = failures.saturating_add(1);
+                        warn!(error = %e, failures, "claiming webhooks failed, will retry");
+                    }
                 }
             }
             let full = claimed.len() == free;
@@ -228,9 +236,10 @@ impl Webhooks {
             if full && free > 0 {
                 continue;
             }
+            let pause = inner.options.poll * (1u32 << failures.min(5));
             tokio::select! {
                 _ = shutdown.cancelled() => break,
-                _ = tokio::time::sleep(inner.options.poll) => {}
+                _ = tokio::time::sleep(pause) => {}
             }
         }
         tracker.close();
