@@ -58,7 +58,7 @@ pub struct Created {
 
 /// The report fields a job's context is built from, in the order [`Store::build_context`]
 /// reads them.
-const CONTEXT_META: [&str; 4] = ["template", "inputs", "layout", "lane"];
+const CONTEXT_META: [&str; 5] = ["template", "inputs", "layout", "lane", "tenant"];
 
 /// Whether a worker should run the job it claimed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -115,6 +115,8 @@ pub struct JobContext {
     pub deps: BTreeMap<String, DepOutput>,
     pub state: SectionState,
     pub lane: Lane,
+    /// The tenant that submitted the report.
+    pub tenant: String,
 }
 
 /// One entry of a report's event stream; over the API, the `data` of an SSE event whose
@@ -428,9 +430,13 @@ impl Store {
     ) -> Result<JobContext> {
         let keys = self.keys.report(report_id);
         let mut meta = meta.into_iter();
-        let (Some(Some(template)), Some(Some(inputs)), Some(Some(layout)), Some(lane)) =
-            (meta.next(), meta.next(), meta.next(), meta.next())
-        else {
+        let (Some(Some(template)), Some(Some(inputs)), Some(Some(layout)), Some(lane), tenant) = (
+            meta.next(),
+            meta.next(),
+            meta.next(),
+            meta.next(),
+            meta.next(),
+        ) else {
             return Err(Error::ReportNotFound {
                 report: report_id.to_owned(),
             });
@@ -522,6 +528,7 @@ impl Store {
             deps,
             state,
             lane: lane.and_then(|l| Lane::parse(&l)).unwrap_or_default(),
+            tenant: tenant.flatten().unwrap_or_default(),
         })
     }
 

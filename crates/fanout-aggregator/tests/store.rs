@@ -127,6 +127,10 @@ async fn complete_releases_a_dependent_only_when_all_its_inputs_are_done() {
         (&ctx.deps, &ctx.inputs, &ctx.node, ctx.lane)
     );
     assert_eq!(started.template, ctx.template);
+    assert_eq!(
+        (started.tenant.as_str(), ctx.tenant.as_str()),
+        ("acme", "acme")
+    );
     let c = env.store.view(&r).await.unwrap().unwrap();
     assert_eq!(c.section("c").unwrap().state, SectionState::Running);
 

@@ -115,6 +115,8 @@ struct RawConfig {
     prices: BTreeMap<String, Price>,
     #[serde(default)]
     budget_models: BTreeMap<String, ModelLimits>,
+    #[serde(default)]
+    budget_tenants: BTreeMap<String, f64>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -186,6 +188,9 @@ pub struct BudgetConfig {
     /// Limits every (key, family) budget gets unless `models` names the family.
     pub limits: ModelLimits,
     pub models: BTreeMap<String, ModelLimits>,
+    /// Tenant → the most of the budget (0 < share ≤ 1 of every key's requests and tokens per
+    /// minute together) its jobs may take. Tenants not named share the whole budget.
+    pub tenant_shares: BTreeMap<String, f64>,
     pub burst_seconds: f64,
     pub max_concurrent_requests: u32,
     pub lease_secs: u64,
@@ -467,6 +472,16 @@ impl Config {
         )?;
         positive("budget.lease_secs", b.lease_secs)?;
         positive("budget.max_wait_secs", b.max_wait_secs)?;
+        for (tenant, share) in &raw.budget_tenants {
+            if !(share.is_finite() && *share > 0.0 && *share <= 1.0) {
+                return Err(ConfigError::invalid(
+                    format!("budget_tenants.{tenant}"),
+                    format!(
+                        "{share} is not a share of the budget: use a number above 0 and at most 1"
+                    ),
+                ));
+            }
+        }
         for (family, l) in &raw.budget_models {
             positive(
                 &format!("budget_models.{family}.requests_per_minute"),
@@ -553,6 +568,7 @@ impl Config {
                 plan,
                 limits,
                 models: raw.budget_models,
+                tenant_shares: raw.budget_tenants,
                 burst_seconds: b.burst_seconds,
                 max_concurrent_requests: b.max_concurrent_requests,
                 lease_secs: b.lease_secs,
@@ -668,7 +684,8 @@ fn merge(base: &mut toml::Table, overlay: toml::Table, prefix: &str) -> Result<(
             format!("{prefix}.{k}")
         };
         // Free-form maps: their entries are not known in advance.
-        let open = matches!(prefix, "prices" | "budget_models") || prefix.is_empty();
+        let open =
+            matches!(prefix, "prices" | "budget_models" | "budget_tenants") || prefix.is_empty();
         match (base.get_mut(&k), v) {
             (Some(toml::Value::Table(b)), toml::Value::Table(o)) => merge(b, o, &path)?,
             (Some(slot), v) => *slot = v,
@@ -837,6 +854,23 @@ mod tests {
                 .to_string();
             assert!(err.contains(key), "{var}={value}: {err}");
             assert!(err.contains(allowed), "{var}={value}: {err}");
+        }
+    }
+
+    #[test]
+    fn tenant_shares_are_read_and_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tenants.toml");
+        std::fs::write(&path, "[budget_tenants]\nacme = 0.25\n").unwrap();
+        let c = Config::load(Some(&path), &env(&[])).unwrap();
+        assert_eq!(c.budget.tenant_shares.get("acme"), Some(&0.25));
+        for bad in ["0", "1.5", "-0.1"] {
+            std::fs::write(&path, format!("[budget_tenants]\nacme = {bad}\n")).unwrap();
+            let err = Config::load(Some(&path), &env(&[]))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("budget_tenants.acme"), "{err}");
+            assert!(err.contains("at most 1"), "{err}");
         }
     }
 

@@ -31,6 +31,7 @@ async fn main() -> anyhow::Result<()> {
             tokens_per_minute: 1_000_000_000_000,
         },
         models: BTreeMap::new(),
+        tenant_shares: BTreeMap::new(),
         burst_seconds: 1.0,
         max_concurrent_requests: u32::MAX,
         lease_secs: 3_600,

@@ -44,6 +44,9 @@ pub struct AcquireRequest {
     pub enqueued_at_ms: u64,
     /// Give up (with [`Error::WaitTooLong`]) rather than wait longer than this.
     pub max_wait: Duration,
+    /// Whose work it is: a tenant with a share in the config (`[budget_tenants]`) takes its
+    /// share first.
+    pub tenant: Option<String>,
 }
 
 impl AcquireRequest {
@@ -56,6 +59,12 @@ impl AcquireRequest {
     /// The same request, waiting at most `max_wait`.
     pub fn with_max_wait(mut self, max_wait: Duration) -> Self {
         self.max_wait = max_wait;
+        self
+    }
+
+    /// The same request, on behalf of `tenant`.
+    pub fn with_tenant(mut self, tenant: &str) -> Self {
+        self.tenant = Some(tenant.to_owned());
         self
     }
 
@@ -240,6 +249,7 @@ impl Budget {
             priority: 0,
             enqueued_at_ms: unix_ms(),
             max_wait: Duration::from_secs(self.inner.config.max_wait_secs),
+            tenant: None,
         }
     }
 
@@ -282,6 +292,12 @@ impl Budget {
         self.track(&req.model);
         let limits = inner.config.limits_for(&req.model);
         let started = Instant::now();
+        if let Some(tenant) = &req.tenant
+            && let Some(&share) = inner.config.tenant_shares.get(tenant)
+        {
+            self.take_tenant_share(tenant, share, &family, &req, started)
+                .await?;
+        }
         let mut waiter = Waiter {
             id: uuid::Uuid::new_v4().simple().to_string(),
             family: &family,
@@ -362,6 +378,54 @@ impl Budget {
                     tokio::time::sleep(with_jitter(wait)).await;
                 }
             }
+        }
+    }
+
+    /// Wait until `tenant`'s `share` of the family's budget (of every key's limits together)
+    /// takes the request, or give up as [`Budget::acquire`] does. Sleeps the time the script
+    /// predicts; nothing of the shared budget is held meanwhile.
+    async fn take_tenant_share(
+        &self,
+        tenant: &str,
+        share: f64,
+        family: &str,
+        req: &AcquireRequest,
+        started: Instant,
+    ) -> Result<()> {
+        let inner = &*self.inner;
+        let limits = inner.config.limits_for(family);
+        let keys = inner.key_names.len() as f64;
+        let per_minute = |limit: u64| ((limit as f64 * keys * share).round() as u64).max(1);
+        let mut inv = SCRIPTS.tenant.prepare_invoke();
+        inv.key(inner.keys.tenant(tenant, family))
+            .arg(req.estimated_tokens.max(1))
+            .arg(per_minute(limits.requests_per_minute))
+            .arg(per_minute(limits.tokens_per_minute))
+            .arg(burst_ms(&inner.config));
+        loop {
+            let reply = array(inner.redis.run(&inv).await?).unwrap_or_default();
+            let wait = match (reply.first().and_then(int), reply.get(1).and_then(int)) {
+                (Some(1), _) => return Ok(()),
+                (Some(0), Some(ms)) => Duration::from_millis(ms.max(1) as u64),
+                _ => {
+                    return Err(Error::Reply {
+                        script: "tenant",
+                        detail: format!("unexpected reply {reply:?}"),
+                    });
+                }
+            };
+            let elapsed = started.elapsed();
+            if elapsed + wait > req.max_wait {
+                BudgetStats::add(&inner.stats.wait_too_long, 1);
+                debug!(
+                    tenant,
+                    family,
+                    wait_ms = wait.as_millis() as u64,
+                    "tenant over its share for too long, giving up"
+                );
+                return Err(Error::WaitTooLong { retry_after: wait });
+            }
+            tokio::time::sleep(with_jitter(wait)).await;
         }
     }
 

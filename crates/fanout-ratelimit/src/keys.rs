@@ -27,6 +27,11 @@ impl Keys {
         format!("{}:bucket:{key}:{family}", self.prefix)
     }
 
+    /// HASH `rtat`, `ttat` of one tenant's share of a model family's budget.
+    pub(crate) fn tenant(&self, tenant: &str, family: &str) -> String {
+        format!("{}:tenant:{tenant}:{family}", self.prefix)
+    }
+
     /// ZSET waiter id → order score: the waiting room of one model family.
     pub(crate) fn room(&self, family: &str) -> String {
         format!("{}:room:{family}", self.prefix)
@@ -56,6 +61,7 @@ mod tests {
             k.room("gpt-4o"),
             k.room_expiry("gpt-4o"),
             k.room_cost("gpt-4o"),
+            k.tenant("acme", "gpt-4o"),
         ] {
             assert!(key.starts_with("{fanout:budget}:"), "{key}");
         }

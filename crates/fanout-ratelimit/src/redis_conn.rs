@@ -18,6 +18,7 @@ pub(crate) struct Scripts {
     pub(crate) renew: Script,
     pub(crate) leave: Script,
     pub(crate) snapshot: Script,
+    pub(crate) tenant: Script,
 }
 
 pub(crate) static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| Scripts {
@@ -27,6 +28,7 @@ pub(crate) static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| Scripts {
     renew: Script::new(include_str!("../lua/renew.lua")),
     leave: Script::new(include_str!("../lua/leave.lua")),
     snapshot: Script::new(include_str!("../lua/snapshot.lua")),
+    tenant: Script::new(include_str!("../lua/tenant.lua")),
 });
 
 pub(crate) struct Redis {

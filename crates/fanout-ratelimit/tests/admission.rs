@@ -18,6 +18,7 @@ fn request(tokens: u64, max_wait: Duration) -> AcquireRequest {
         priority: 0,
         enqueued_at_ms: unix_ms(),
         max_wait,
+        tenant: None,
     }
 }
 
@@ -435,4 +436,65 @@ async fn no_keys_and_unknown_keys_are_errors() {
         .await
         .unwrap_err();
     assert!(matches!(err, Error::UnknownKey(_)) && !err.is_retryable());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenant_with_a_share_stays_within_it_and_others_take_the_rest() {
+    let redis = RedisServer::start();
+    let rpm = 1_200; // 20 per second
+    let burst = 0.5;
+    let mut c = config(rpm, 10_000_000, burst, 1_000);
+    c.tenant_shares.insert("acme".into(), 0.25); // 5 per second
+    let instances: Vec<_> = (0..2)
+        .map(|_| budget(&redis.url(), c.clone(), &["a"]))
+        .collect();
+    let times: Arc<Mutex<HashMap<&str, Vec<u64>>>> = Arc::default();
+    let deadline = Instant::now() + Duration::from_secs(2);
+    let mut tasks = tokio::task::JoinSet::new();
+    // Both tenants keep a backlog: as many callers each, from both instances.
+    for i in 0..24 {
+        let b = instances[i % 2].clone();
+        let tenant = if i % 4 < 2 { "acme" } else { "globex" };
+        let times = times.clone();
+        tasks.spawn(async move {
+            while Instant::now() < deadline {
+                let a = b
+                    .acquire(request(10, Duration::from_secs(5)).with_tenant(tenant))
+                    .await
+                    .unwrap();
+                times
+                    .lock()
+                    .unwrap()
+                    .entry(tenant)
+                    .or_default()
+                    .push(a.admitted_at_ms);
+                b.settle(a, Some(10)).await.unwrap();
+            }
+        });
+    }
+    while let Some(r) = tasks.join_next().await {
+        r.unwrap();
+    }
+    let times = times.lock().unwrap().clone();
+    let sorted = |tenant: &str| {
+        let mut t = times.get(tenant).cloned().unwrap_or_default();
+        t.sort_unstable();
+        t
+    };
+    let (acme, globex) = (sorted("acme"), sorted("globex"));
+    // acme never runs ahead of its quarter (300 RPM, a bucket of 2.5 requests). Its times are
+    // those of the shared admission, a moment after its share was taken: one request of slack.
+    let excess = worst_excess(&acme, rpm / 4, burst * rpm as f64 / 4.0 / 60.0);
+    assert!(excess <= 1.0, "acme over its share by {excess} requests");
+    // The rest of the budget goes to the tenant without a cap, and the whole stays in bounds.
+    assert!(
+        globex.len() >= 2 * acme.len(),
+        "globex {} vs acme {}",
+        globex.len(),
+        acme.len()
+    );
+    let mut all = [acme, globex].concat();
+    all.sort_unstable();
+    let excess = worst_excess(&all, rpm, burst * rpm as f64 / 60.0);
+    assert!(excess <= 0.05, "over the budget by {excess} requests");
 }

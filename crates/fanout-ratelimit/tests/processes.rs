@@ -100,6 +100,7 @@ async fn worker_child() {
                     priority: 0,
                     enqueued_at_ms: now,
                     max_wait: Duration::from_millis(deadline.saturating_sub(now) + 200),
+                    tenant: None,
                 };
                 let adm = match b.acquire(req).await {
                     Ok(a) => a,

@@ -231,6 +231,7 @@ impl SectionHandler {
         // The template snapshot, inputs and dependency texts are not needed past rendering; a
         // worker holds a thousand calls in flight, so they go now.
         let (cache, priority) = (ctx.template.cache, ctx.node.priority);
+        let tenant = ctx.tenant.clone();
         drop(ctx);
 
         if cache {
@@ -259,6 +260,7 @@ impl SectionHandler {
                     priority,
                     enqueued_at_ms: d.enqueued_at_ms,
                     max_wait,
+                    tenant: Some(tenant.clone()),
                 })
                 .await
             {

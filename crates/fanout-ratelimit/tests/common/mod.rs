@@ -22,6 +22,7 @@ pub fn config(rpm: u64, tpm: u64, burst_seconds: f64, max_concurrent: u32) -> Bu
             tokens_per_minute: tpm,
         },
         models: BTreeMap::new(),
+        tenant_shares: BTreeMap::new(),
         burst_seconds,
         max_concurrent_requests: max_concurrent,
         lease_secs: 30,
