@@ -589,6 +589,24 @@ struct Shape<'a> {
     fields: &'a [InputSpec],
 }
 
+/// The characters a blank input consists of: Unicode's White_Space (what `str::trim` removes)
+/// and U+FEFF, which JSON Schema's regex dialect (ECMA-262) counts as `\s` too.
+const BLANK: [char; 26] = [
+    '\t', '\n', '\u{0b}', '\u{0c}', '\r', ' ', '\u{85}', '\u{a0}', '\u{1680}', '\u{2000}',
+    '\u{2001}', '\u{2002}', '\u{2003}', '\u{2004}', '\u{2005}', '\u{2006}', '\u{2007}', '\u{2008}',
+    '\u{2009}', '\u{200a}', '\u{2028}', '\u{2029}', '\u{202f}', '\u{205f}', '\u{3000}', '\u{feff}',
+];
+
+/// A JSON Schema `pattern` that a string matches exactly when it is not blank (see
+/// [`is_blank`]). It names the characters instead of using `\S`, whose meaning differs between
+/// regex dialects (ECMA-262 leaves out U+0085, Rust and Python do not).
+pub const NOT_BLANK_PATTERN: &str = "[^\\t\\n\\u000b\\f\\r \\u0085\\u00a0\\u1680\\u2000-\\u200a\\u2028\\u2029\\u202f\\u205f\\u3000\\ufeff]";
+
+/// Whether a required string input counts as missing: empty, or only [`BLANK`] characters.
+pub fn is_blank(s: &str) -> bool {
+    s.chars().all(|c| BLANK.contains(&c))
+}
+
 fn check_value(path: &str, shape: Shape<'_>, v: &Value) -> Result<(), InputError> {
     let mismatch = || {
         InputError::new(
@@ -599,7 +617,7 @@ fn check_value(path: &str, shape: Shape<'_>, v: &Value) -> Result<(), InputError
     match shape.kind {
         InputKind::String | InputKind::Text => {
             let s = v.as_str().ok_or_else(mismatch)?;
-            if shape.required && s.trim().is_empty() {
+            if shape.required && is_blank(s) {
                 return Err(InputError::new(path, "must not be empty"));
             }
             if let Some(max) = shape.max_chars {
@@ -895,6 +913,10 @@ prompt = "{{ inputs.idea }}"
         );
         assert_eq!(check(json!({"idea": null})).field, "inputs.idea");
         assert_eq!(check(json!({"idea": "  "})).message, "must not be empty");
+        assert_eq!(
+            check(json!({"idea": "\u{85}\u{feff}"})).message,
+            "must not be empty"
+        );
         let e = check(json!({"idea": 5}));
         assert_eq!(
             e.to_string(),
@@ -1185,5 +1207,54 @@ pub(crate) mod shipped {
             s.user
                 .contains("State that all 20 critiques were available.")
         );
+    }
+
+    #[test]
+    fn blank_is_unicode_white_space_and_the_bom_and_the_pattern_names_the_same() {
+        let expected: Vec<char> = (0..=0x10FFFF_u32)
+            .filter_map(char::from_u32)
+            .filter(|c| c.is_whitespace() || *c == '\u{feff}')
+            .collect();
+        let mut blank = BLANK.to_vec();
+        blank.sort_unstable();
+        assert_eq!(blank, expected);
+        assert!(is_blank("") && is_blank(" \t\u{85}\u{3000}"));
+        assert!(!is_blank("\u{1c}") && !is_blank("\u{200b}") && !is_blank(" a "));
+        // The pattern's class, read back: every escape names a BLANK char, ranges included.
+        let class = NOT_BLANK_PATTERN
+            .strip_prefix("[^")
+            .and_then(|p| p.strip_suffix(']'))
+            .unwrap();
+        let mut named = Vec::new();
+        let mut rest = class;
+        while !rest.is_empty() {
+            let (c, tail) = match rest.strip_prefix('\\') {
+                Some(esc) if esc.starts_with('u') => (
+                    char::from_u32(u32::from_str_radix(&esc[1..5], 16).unwrap()).unwrap(),
+                    &esc[5..],
+                ),
+                Some(esc) => (
+                    match &esc[..1] {
+                        "t" => '\t',
+                        "n" => '\n',
+                        "f" => '\u{0c}',
+                        "r" => '\r',
+                        other => panic!("escape {other}"),
+                    },
+                    &esc[1..],
+                ),
+                None => (rest.chars().next().unwrap(), &rest[1..]),
+            };
+            if let Some(after) = tail.strip_prefix('-') {
+                let end = u32::from_str_radix(&after[2..6], 16).unwrap();
+                named.extend((c as u32..=end).filter_map(char::from_u32));
+                rest = &after[6..];
+            } else {
+                named.push(c);
+                rest = tail;
+            }
+        }
+        named.sort_unstable();
+        assert_eq!(named, expected);
     }
 }

@@ -179,7 +179,7 @@ fn shape_schema(
             if required {
                 // Not blank: at least one character that is not whitespace.
                 s["minLength"] = Value::from(1);
-                s["pattern"] = Value::from("\\S");
+                s["pattern"] = Value::from(fanout_core::template::NOT_BLANK_PATTERN);
             }
             if let Some(max) = max_chars {
                 s["maxLength"] = Value::from(max);
@@ -353,7 +353,7 @@ mod tests {
         );
         let name = &inputs["properties"]["personas"]["items"]["properties"]["name"];
         assert_eq!(name["maxLength"], 120);
-        assert_eq!(name["pattern"], "\\S");
+        assert_eq!(name["pattern"], fanout_core::template::NOT_BLANK_PATTERN);
         assert!(doc["components"]["securitySchemes"].get("bearer").is_some());
         assert!(
             doc["paths"]["/v1/reports"]["post"]
