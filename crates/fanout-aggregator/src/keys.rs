@@ -34,8 +34,8 @@ impl Keys {
         format!("{{{}}}:events", self.namespace)
     }
 
-    /// ZSET report id → when its webhook is next due (ms since the epoch). A delivery in
-    /// progress holds its entry by pushing this time one lease ahead.
+    /// ZSET report id → when its webhook is next due (ms since the epoch on the Redis clock; 0:
+    /// at once). A delivery in progress holds its entry by pushing this time one lease ahead.
     pub fn webhooks_due(&self) -> String {
         format!("{{{}}}:webhooks:due", self.namespace)
     }
