@@ -46,6 +46,7 @@ pub struct Metrics {
     pub budget_admissions: IntCounterVec,
     pub budget_admitted_tokens: IntCounterVec,
     pub budget_wait: Histogram,
+    pub budget_tenant_wait: HistogramVec,
     pub budget_wait_timeouts: IntCounter,
     pub budget_rate_limited: IntCounterVec,
     pub budget_pauses: IntCounterVec,
@@ -310,6 +311,13 @@ impl Metrics {
                 "fanout_webhooks_total",
                 "Webhook delivery attempts by outcome: delivered, retried (will try again) or dead (given up, kept with its reason).",
                 &["outcome"],
+            ),
+            budget_tenant_wait: histogram(
+                &r,
+                "fanout_budget_tenant_wait_seconds",
+                "Time a call of a tenant with a budget share ([budget_tenants]) waited for that share, before the shared budget.",
+                &["tenant"],
+                WAIT_BUCKETS,
             ),
             report_duration: histogram(
                 &r,

@@ -705,11 +705,15 @@ async fn every_error_is_json_naming_the_problem() -> Result<()> {
             break;
         }
     }
-    let (status, _, err) = answered.expect("a 413 answer to a body over the limit");
+    let (status, headers, err) = answered.expect("a 413 answer to a body over the limit");
     assert_eq!(
         (status, error_of(&err).0),
         (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
         "{err}"
+    );
+    assert_eq!(
+        headers["connection"], "close",
+        "the client must not reuse it"
     );
     // Without a content-length the server only knows after reading past the limit; same race.
     let mut answered = None;

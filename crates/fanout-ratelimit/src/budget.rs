@@ -87,6 +87,8 @@ pub struct Admission {
     pub estimated_tokens: u64,
     /// Time spent waiting for budget.
     pub waited: Duration,
+    /// The part of `waited` spent on the tenant's share (zero for a tenant without one).
+    pub tenant_waited: Duration,
     /// When the budget admitted the request (ms since the epoch, Redis clock).
     pub admitted_at_ms: u64,
     lease: Option<Lease>,
@@ -292,11 +294,13 @@ impl Budget {
         self.track(&req.model);
         let limits = inner.config.limits_for(&req.model);
         let started = Instant::now();
+        let mut tenant_waited = Duration::ZERO;
         if let Some(tenant) = &req.tenant
             && let Some(&share) = inner.config.tenant_shares.get(tenant)
         {
             self.take_tenant_share(tenant, share, &family, &req, started)
                 .await?;
+            tenant_waited = started.elapsed();
         }
         let mut waiter = Waiter {
             id: uuid::Uuid::new_v4().simple().to_string(),
@@ -353,6 +357,7 @@ impl Budget {
                         family: family.clone(),
                         estimated_tokens: tokens,
                         waited,
+                        tenant_waited,
                         admitted_at_ms: now_ms as u64,
                     });
                 }

@@ -449,19 +449,25 @@ async fn a_tenant_with_a_share_stays_within_it_and_others_take_the_rest() {
         .map(|_| budget(&redis.url(), c.clone(), &["a"]))
         .collect();
     let times: Arc<Mutex<HashMap<&str, Vec<u64>>>> = Arc::default();
+    let waited = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let deadline = Instant::now() + Duration::from_secs(2);
     let mut tasks = tokio::task::JoinSet::new();
     // Both tenants keep a backlog: as many callers each, from both instances.
     for i in 0..24 {
         let b = instances[i % 2].clone();
         let tenant = if i % 4 < 2 { "acme" } else { "globex" };
-        let times = times.clone();
+        let (times, acme_waited) = (times.clone(), waited.clone());
         tasks.spawn(async move {
             while Instant::now() < deadline {
                 let a = b
                     .acquire(request(10, Duration::from_secs(5)).with_tenant(tenant))
                     .await
                     .unwrap();
+                if tenant == "globex" {
+                    assert_eq!(a.tenant_waited, Duration::ZERO, "globex has no share");
+                } else if !a.tenant_waited.is_zero() {
+                    acme_waited.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
                 times
                     .lock()
                     .unwrap()
@@ -482,6 +488,10 @@ async fn a_tenant_with_a_share_stays_within_it_and_others_take_the_rest() {
         t
     };
     let (acme, globex) = (sorted("acme"), sorted("globex"));
+    assert!(
+        waited.load(std::sync::atomic::Ordering::Relaxed) > 0,
+        "acme's calls waited for its share"
+    );
     // acme never runs ahead of its quarter (300 RPM, a bucket of 2.5 requests). Its times are
     // those of the shared admission, a moment after its share was taken: one request of slack.
     let excess = worst_excess(&acme, rpm / 4, burst * rpm as f64 / 4.0 / 60.0);

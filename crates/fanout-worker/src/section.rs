@@ -275,6 +275,12 @@ impl SectionHandler {
             };
             let key = admission.key.clone();
             METRICS.budget_wait.observe(admission.waited.as_secs_f64());
+            if self.deps.config.budget.tenant_shares.contains_key(&tenant) {
+                METRICS
+                    .budget_tenant_wait
+                    .with_label_values(&[tenant.as_str()])
+                    .observe(admission.tenant_waited.as_secs_f64());
+            }
             METRICS
                 .budget_admissions
                 .with_label_values(&[key.as_str(), req.model.as_str()])

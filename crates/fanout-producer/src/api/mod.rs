@@ -211,9 +211,26 @@ pub fn router(state: ApiState) -> Router {
         .route("/openapi.json", get(routes::openapi_json))
         .fallback(error::not_found)
         .method_not_allowed_fallback(error::method_not_allowed)
+        .layer(axum::middleware::map_response(close_if_body_unread))
         .layer(DefaultBodyLimit::max(max_body))
         .layer(TraceLayer::new_for_http())
         .with_state(state)
+}
+
+/// A 413 or 415 is answered without reading the request body, and the server then closes the
+/// connection; `Connection: close` says so, so a client does not put the connection back in its
+/// pool and send its next request into a closed socket.
+async fn close_if_body_unread(mut response: axum::response::Response) -> axum::response::Response {
+    if matches!(
+        response.status(),
+        axum::http::StatusCode::PAYLOAD_TOO_LARGE | axum::http::StatusCode::UNSUPPORTED_MEDIA_TYPE
+    ) {
+        response.headers_mut().insert(
+            axum::http::header::CONNECTION,
+            axum::http::HeaderValue::from_static("close"),
+        );
+    }
+    response
 }
 
 /// Serve the API on `listener` until `shutdown`; then stop accepting, end the event streams
