@@ -87,7 +87,8 @@ pub struct Admission {
     pub estimated_tokens: u64,
     /// Time spent waiting for budget.
     pub waited: Duration,
-    /// The part of `waited` spent on the tenant's share (zero for a tenant without one).
+    /// The part of `waited` spent on the tenant's share (zero when it did not have to wait, or
+    /// has no share).
     pub tenant_waited: Duration,
     /// When the budget admitted the request (ms since the epoch, Redis clock).
     pub admitted_at_ms: u64,
@@ -297,10 +298,12 @@ impl Budget {
         let mut tenant_waited = Duration::ZERO;
         if let Some(tenant) = &req.tenant
             && let Some(&share) = inner.config.tenant_shares.get(tenant)
+            && self
+                .take_tenant_share(tenant, share, &family, &req, started)
+                .await?
         {
-            self.take_tenant_share(tenant, share, &family, &req, started)
-                .await?;
             tenant_waited = started.elapsed();
+            BudgetStats::add(&inner.stats.waits, 1);
         }
         let mut waiter = Waiter {
             id: uuid::Uuid::new_v4().simple().to_string(),
@@ -308,7 +311,8 @@ impl Budget {
             budget: inner,
             armed: true,
         };
-        let mut waited_once = false;
+        // A wait for the tenant's share counts as the request's wait, as one in the room does.
+        let mut waited_once = !tenant_waited.is_zero();
         let score = order_score(req.priority, req.enqueued_at_ms);
         let bucket_keys: Vec<String> = inner
             .key_names
@@ -388,7 +392,7 @@ impl Budget {
 
     /// Wait until `tenant`'s `share` of the family's budget (of every key's limits together)
     /// takes the request, or give up as [`Budget::acquire`] does. Sleeps the time the script
-    /// predicts; nothing of the shared budget is held meanwhile.
+    /// predicts; nothing of the shared budget is held meanwhile. Returns whether it waited.
     async fn take_tenant_share(
         &self,
         tenant: &str,
@@ -396,7 +400,7 @@ impl Budget {
         family: &str,
         req: &AcquireRequest,
         started: Instant,
-    ) -> Result<()> {
+    ) -> Result<bool> {
         let inner = &*self.inner;
         let limits = inner.config.limits_for(family);
         let keys = inner.key_names.len() as f64;
@@ -407,10 +411,11 @@ impl Budget {
             .arg(per_minute(limits.requests_per_minute))
             .arg(per_minute(limits.tokens_per_minute))
             .arg(burst_ms(&inner.config));
+        let mut waited = false;
         loop {
             let reply = array(inner.redis.run(&inv).await?).unwrap_or_default();
             let wait = match (reply.first().and_then(int), reply.get(1).and_then(int)) {
-                (Some(1), _) => return Ok(()),
+                (Some(1), _) => return Ok(waited),
                 (Some(0), Some(ms)) => Duration::from_millis(ms.max(1) as u64),
                 _ => {
                     return Err(Error::Reply {
@@ -430,6 +435,7 @@ impl Budget {
                 );
                 return Err(Error::WaitTooLong { retry_after: wait });
             }
+            waited = true;
             tokio::time::sleep(with_jitter(wait)).await;
         }
     }

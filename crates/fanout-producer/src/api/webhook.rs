@@ -20,7 +20,7 @@
 //! - `X-Fanout-Event: report.finished`, `X-Fanout-Report-Id: <id>` (the same on every attempt
 //!   and on a rare repeat after a crash: deduplicate on it), `X-Fanout-Attempt: <n>`
 
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
@@ -136,6 +136,10 @@ struct Inner {
     abandon: CancellationToken,
 }
 
+/// The outbox scripts, hashed once per process.
+static CLAIM_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(CLAIM));
+static RESCHEDULE_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(RESCHEDULE));
+
 /// Claims up to `ARGV[1]` due webhooks for `ARGV[2]` ms on the Redis clock; returns
 /// `[id, attempt, …]`, counting the attempt now, so a deliverer that dies mid-POST used it.
 const CLAIM: &str = r"
@@ -198,14 +202,13 @@ impl Webhooks {
         let inner = &self.inner;
         let permits = Arc::new(Semaphore::new(inner.options.max_in_flight.max(1)));
         let tracker = TaskTracker::new();
-        let claim = Script::new(CLAIM);
         // Consecutive failed claims: the poll backs off (to 32 × `poll`) while Redis is away.
         let mut failures = 0u32;
         loop {
             let free = permits.available_permits();
             let mut claimed = Vec::new();
             if free > 0 {
-                match self.claim(&claim, free).await {
+                match self.claim(free).await {
                     Ok(c) => {
                         claimed = c;
                         failures = 0;
@@ -288,10 +291,10 @@ impl Webhooks {
             .collect())
     }
 
-    async fn claim(&self, script: &Script, max: usize) -> Result<Vec<(String, u32)>, WebhookError> {
+    async fn claim(&self, max: usize) -> Result<Vec<(String, u32)>, WebhookError> {
         let keys = &self.inner.keys;
         let mut conn = self.inner.pool.get().await?;
-        let flat: Vec<redis::Value> = script
+        let flat: Vec<redis::Value> = CLAIM_SCRIPT
             .key(keys.webhooks_due())
             .key(keys.webhooks_attempts())
             .arg(max)
@@ -359,16 +362,14 @@ impl Webhooks {
     ) -> Result<(Option<String>, Option<Vec<u8>>), WebhookError> {
         let keys = &self.inner.keys;
         let mut conn = self.inner.pool.get().await?;
-        let url: Option<String> = redis::cmd("HGET")
+        Ok(redis::pipe()
+            .cmd("HGET")
             .arg(keys.webhooks_url())
             .arg(report_id)
-            .query_async(&mut conn)
-            .await?;
-        let body: Option<Vec<u8>> = redis::cmd("GET")
+            .cmd("GET")
             .arg(keys.report(report_id).doc_json())
             .query_async(&mut conn)
-            .await?;
-        Ok((url, body))
+            .await?)
     }
 
     async fn settle(
@@ -389,7 +390,7 @@ impl Webhooks {
         match settle {
             Settle::Retry(wait) => {
                 debug!(wait_ms = wait.as_millis() as u64, "webhook will retry");
-                let _: i64 = Script::new(RESCHEDULE)
+                let _: i64 = RESCHEDULE_SCRIPT
                     .key(keys.webhooks_due())
                     .arg(report_id)
                     .arg(wait.as_millis() as u64)
