@@ -3,23 +3,13 @@
 
 use std::time::Duration;
 
-use fanout_system_tests::{Cluster, ClusterSpec, http_get, http_post_json};
+use fanout_system_tests::{Cluster, ClusterSpec, http_get, http_post_json, sample};
 use fanout_test_support::{FanoutProcess, wait_for_port, wait_until};
 
 /// A cluster of real processes running the `fanout` binary cargo built for this test run.
 fn cluster(spec: ClusterSpec) -> Cluster {
     fanout_test_support::use_fanout_bin(env!("CARGO_BIN_EXE_fanout"));
     Cluster::start(spec)
-}
-
-/// The value of the first sample of `series` whose line contains every label in `labels`.
-fn sample(text: &str, series: &str, labels: &[&str]) -> Option<f64> {
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter(|l| l.starts_with(series) && l[series.len()..].starts_with(['{', ' ']))
-        .filter(|l| labels.iter().all(|x| l.contains(x)))
-        .map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap())
-        .reduce(|a, b| a + b)
 }
 
 #[test]

@@ -149,6 +149,25 @@ impl Cluster {
     }
 }
 
+/// The value of the first sample of `series` whose line contains every label in `labels`.
+pub fn sample(text: &str, series: &str, labels: &[&str]) -> Option<f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter(|l| l.starts_with(series) && l[series.len()..].starts_with(['{', ' ']))
+        .filter(|l| labels.iter().all(|x| l.contains(x)))
+        .map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap())
+        .reduce(|a, b| a + b)
+}
+
+/// The value of `series` (summed over the samples with every label in `labels`) on the
+/// `/metrics` page served at `port`, if the page answers and has it.
+pub fn scrape(port: u16, series: &str, labels: &[&str]) -> Option<f64> {
+    let (status, text) = http_get(port, "/metrics");
+    (status == 200)
+        .then(|| sample(&text, series, labels))
+        .flatten()
+}
+
 /// `GET path` on 127.0.0.1:`port`: (status, body). Plain HTTP/1.1 with `Connection: close`.
 pub fn http_get(port: u16, path: &str) -> (u16, String) {
     http(port, "GET", path, None)

@@ -4,8 +4,9 @@
 //! 1. Report scheduling: the startup report's wall time against its critical path (the longest
 //!    chain of measured section durations), against a sequential run (one job at a time) and
 //!    against "core, then enhancements in parallel" (the old tool's plan) — same latencies.
-//! 2. Shared budget: several `fanout worker` processes and a provider enforcing the same limit:
-//!    429s and the share of the budget used while there is a backlog.
+//! 2. Shared budget (`bench_budget`): a matrix of the provider's enforcement shape × worker
+//!    processes × the limit that binds × what the budget was told: 429s, 429s per success, the
+//!    share of the real limit used while there is a backlog, and how soon the 429s stop.
 
 use std::collections::{BTreeMap, HashMap};
 use std::process::ExitCode;
@@ -33,15 +34,8 @@ pub(crate) struct BenchArgs {
     /// Repetitions of each report variant (the median is reported).
     #[arg(long, default_value_t = 3)]
     runs: usize,
-    /// Worker processes sharing the budget in the budget benchmark.
-    #[arg(long, default_value_t = 4)]
-    processes: usize,
-    /// Requests per minute of the shared budget (and of the simulated provider).
-    #[arg(long, default_value_t = 1200)]
-    rpm: u64,
-    /// Provider calls in the budget benchmark's backlog.
-    #[arg(long, default_value_t = 300)]
-    calls: usize,
+    #[command(flatten)]
+    budget: crate::bench_budget::BudgetArgs,
     /// Calls in flight in the worker-memory benchmark.
     #[arg(long, default_value_t = 1000)]
     in_flight: usize,
@@ -52,8 +46,6 @@ pub(crate) struct BenchArgs {
 
 pub(crate) async fn run(args: BenchArgs, shutdown: CancellationToken) -> anyhow::Result<ExitCode> {
     anyhow::ensure!(args.runs >= 1, "--runs must be at least 1");
-    anyhow::ensure!(args.processes >= 1, "--processes must be at least 1");
-    anyhow::ensure!(args.rpm >= 60, "--rpm must be at least 60");
     let redis = LocalRedis::start().await?;
     println!("# fanout bench\n");
     let part = |name: &str| args.only.as_deref().is_none_or(|o| o == name);
@@ -61,7 +53,7 @@ pub(crate) async fn run(args: BenchArgs, shutdown: CancellationToken) -> anyhow:
         reports(&args, &redis.url(), &shutdown).await?;
     }
     if part("budget") {
-        budget(&args, &redis.url(), &shutdown).await?;
+        crate::bench_budget::run(&args.budget, &redis.url(), &shutdown).await?;
     }
     if part("memory") {
         memory(&args, &redis.url(), &shutdown).await?;
@@ -179,7 +171,7 @@ async fn reports(
     Ok(())
 }
 
-fn uuid_like() -> String {
+pub(crate) fn uuid_like() -> String {
     format!(
         "{:x}",
         std::time::SystemTime::now()
@@ -315,80 +307,6 @@ fn template_toml(t: &Template) -> anyhow::Result<String> {
     toml::to_string(t).context("serialize template")
 }
 
-async fn budget(
-    args: &BenchArgs,
-    redis_url: &str,
-    shutdown: &CancellationToken,
-) -> anyhow::Result<()> {
-    // A provider that enforces exactly the budget the workers share; latency small so the budget,
-    // not the provider, is what binds.
-    let sim = fanout_sim::spawn(fanout_sim::SimConfig {
-        time_scale: 0.002,
-        rpm: args.rpm,
-        seed: 2,
-        ..fanout_sim::SimConfig::default()
-    })
-    .await?;
-    let ns = format!("bench-budget-{}", uuid_like());
-    let env = env_for(redis_url, &sim.base_url(), &ns, args.rpm);
-    let mut children = Vec::new();
-    for _ in 0..args.processes {
-        children.push(spawn_worker(&env, &["--concurrency", "16"])?);
-    }
-    let (store, producer) = producer_for(&env)?;
-    let started = Instant::now();
-    let ids = submit_persona_backlog(&producer, args.calls, Some(fanout_core::Lane::Batch)).await?;
-    let mut views = Vec::new();
-    for id in &ids {
-        tokio::select! {
-            v = crate::report_cmds::wait_final(&store, id) => views.push(v?),
-            _ = shutdown.cancelled() => anyhow::bail!("interrupted"),
-        }
-    }
-    let elapsed = started.elapsed();
-    for mut c in children {
-        let _ = c.start_kill();
-        let _ = c.wait().await;
-    }
-    let stats = sim.stats();
-    let _ = sim.shutdown().await;
-    // The backlog: every persona call (the summaries wait for their panel, after the backlog).
-    // A call's admission is its finish minus its provider latency.
-    let admitted: Vec<u64> = views
-        .iter()
-        .flat_map(|v| &v.sections)
-        .filter(|s| s.section == "persona")
-        .filter_map(|s| Some(s.finished_at?.saturating_sub(s.latency_ms?)))
-        .collect();
-    let first = admitted.iter().copied().min().unwrap_or(0);
-    let last = admitted.iter().copied().max().unwrap_or(0);
-    let window = last.saturating_sub(first) as f64 / 1000.0;
-    let per_sec = args.rpm as f64 / 60.0;
-    // The bucket starts full (one second of budget): those calls are free of the window.
-    let used = (admitted.len() as f64 - per_sec).max(0.0) / (window * per_sec).max(1e-9);
-    println!(
-        "## Shared budget ({} worker processes, {} RPM enforced by the provider)\n",
-        args.processes, args.rpm
-    );
-    println!(
-        "| calls | 429s from the provider | most admitted in any 1 s | budget per second | budget used during the backlog | wall time |"
-    );
-    println!("| --- | --- | --- | --- | --- | --- |");
-    println!(
-        "| {} | {} | {} | {:.1} | {:.1}% | {:.1} s |",
-        stats.totals.requests,
-        stats.totals.rate_limited,
-        stats.totals.max_admitted_1s,
-        per_sec,
-        used * 100.0,
-        elapsed.as_secs_f64()
-    );
-    println!(
-        "\nBudget used = (backlog calls − one second of burst) / (backlog window × RPM/60): the backlog is the persona calls, its window runs from the first admission to the last (admission = finish − provider latency).\n"
-    );
-    Ok(())
-}
-
 /// Resident memory of one `fanout worker` process holding `--in-flight` provider calls.
 async fn memory(
     args: &BenchArgs,
@@ -494,7 +412,7 @@ async fn scrape_gauge(port: u16, name: &str) -> Option<f64> {
 
 /// A `fanout worker` child process with exactly `env` (plus PATH and, to experiment with the
 /// allocator, MALLOC_ARENA_MAX); killed when dropped.
-fn spawn_worker(
+pub(crate) fn spawn_worker(
     env: &HashMap<String, String>,
     args: &[&str],
 ) -> anyhow::Result<tokio::process::Child> {
@@ -516,7 +434,7 @@ fn spawn_worker(
 }
 
 /// The report store and a producer on `env`'s Redis and namespace.
-fn producer_for(env: &HashMap<String, String>) -> anyhow::Result<(Store, Producer)> {
+pub(crate) fn producer_for(env: &HashMap<String, String>) -> anyhow::Result<(Store, Producer)> {
     let config = Config::load(None, env)?;
     let pool = fanout_worker::redis_pool(&config)?;
     let store = Store::from_config(pool.clone(), &config);
@@ -528,7 +446,7 @@ fn producer_for(env: &HashMap<String, String>) -> anyhow::Result<(Store, Produce
 }
 
 /// A backlog of `calls` persona critiques, as panels of up to 100 personas; the report ids.
-async fn submit_persona_backlog(
+pub(crate) async fn submit_persona_backlog(
     producer: &Producer,
     calls: usize,
     lane: Option<fanout_core::Lane>,

@@ -13,6 +13,7 @@ use fanout_core::Config;
 use tokio_util::sync::CancellationToken;
 
 mod bench;
+mod bench_budget;
 mod demo;
 mod local_redis;
 mod ops;

@@ -168,10 +168,17 @@ struct RawBudget {
     requests_per_minute: u64,
     tokens_per_minute: u64,
     burst_seconds: f64,
+    headroom: f64,
     max_concurrent_requests: u32,
     lease_secs: u64,
     max_wait_secs: u64,
     refund_unused_tokens: bool,
+    learn_limits: bool,
+    learned_ttl_secs: u64,
+    adaptive: bool,
+    adaptive_decrease: f64,
+    adaptive_quiet_secs: f64,
+    adaptive_recovery_secs: f64,
 }
 
 /// Per-minute limits of one model family.
@@ -192,19 +199,93 @@ pub struct BudgetConfig {
     /// minute together) its jobs may take. Tenants not named share the whole budget.
     pub tenant_shares: BTreeMap<String, f64>,
     pub burst_seconds: f64,
+    /// Share of every limit the schedule leaves unused (0.02: paced at 98% of the limit), so that
+    /// jitter between admission and the provider's clock cannot tip a window over.
+    pub headroom: f64,
     pub max_concurrent_requests: u32,
     pub lease_secs: u64,
     pub max_wait_secs: u64,
     pub refund_unused_tokens: bool,
+    /// Set explicitly (`requests_per_minute`/`tokens_per_minute` or their variables): never
+    /// exceeded, whatever the provider advertises. The plan's numbers are only a starting value.
+    pub caps: LimitCaps,
+    /// Adopt the limits the provider advertises (`x-ratelimit-limit-*`) for every process.
+    pub learn_limits: bool,
+    /// A learnt limit not confirmed by a response for this long is forgotten.
+    pub learned_ttl_secs: u64,
+    /// Lower the shared rate on a 429 the schedule did not expect, raise it back when quiet.
+    pub adaptive: Adaptive,
+}
+
+/// Explicit per-minute caps (`None`: not set, the provider's advertised limit is used as is).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LimitCaps {
+    pub requests_per_minute: Option<u64>,
+    pub tokens_per_minute: Option<u64>,
+}
+
+/// How the budget adapts to a provider that refuses below the limit it was told or learnt:
+/// multiplicative decrease on an unexpected 429, additive increase after a quiet period.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Adaptive {
+    pub enabled: bool,
+    /// The rate is multiplied by this on an unexpected 429 (0 < d < 1).
+    pub decrease: f64,
+    /// Seconds without a 429 before the rate climbs back.
+    pub quiet_secs: f64,
+    /// Seconds the climb takes from zero to the full limit (the additive step's slope).
+    pub recovery_secs: f64,
 }
 
 impl BudgetConfig {
-    /// The limits that apply to `model` (by its family).
+    /// The limits that apply to `model` (by its family): the starting values.
     pub fn limits_for(&self, model: &str) -> ModelLimits {
         self.models
             .get(model_family(model))
             .copied()
             .unwrap_or(self.limits)
+    }
+
+    /// The explicit caps for `model` (by its family): a `[budget_models]` entry caps both.
+    pub fn caps_for(&self, model: &str) -> LimitCaps {
+        match self.models.get(model_family(model)) {
+            Some(l) => LimitCaps {
+                requests_per_minute: Some(l.requests_per_minute),
+                tokens_per_minute: Some(l.tokens_per_minute),
+            },
+            None => self.caps,
+        }
+    }
+}
+
+impl Default for BudgetConfig {
+    /// The defaults of `config/default.toml` (plan tier1, nothing set explicitly).
+    fn default() -> Self {
+        let (requests_per_minute, tokens_per_minute) = Plan::Tier1.limits();
+        Self {
+            plan: Plan::Tier1,
+            limits: ModelLimits {
+                requests_per_minute,
+                tokens_per_minute,
+            },
+            models: BTreeMap::new(),
+            tenant_shares: BTreeMap::new(),
+            burst_seconds: 0.0,
+            headroom: 0.02,
+            max_concurrent_requests: 10,
+            lease_secs: 30,
+            max_wait_secs: 20,
+            refund_unused_tokens: false,
+            caps: LimitCaps::default(),
+            learn_limits: true,
+            learned_ttl_secs: 3_600,
+            adaptive: Adaptive {
+                enabled: true,
+                decrease: 0.7,
+                quiet_secs: 5.0,
+                recovery_secs: 120.0,
+            },
+        }
     }
 }
 
@@ -457,15 +538,47 @@ impl Config {
                 b.tokens_per_minute
             },
         };
-        if !(b.burst_seconds.is_finite() && b.burst_seconds > 0.0 && b.burst_seconds <= 60.0) {
-            return Err(ConfigError::invalid(
-                "budget.burst_seconds",
-                format!(
-                    "`{}` is out of range; allowed: above 0, at most 60",
-                    b.burst_seconds
-                ),
-            ));
-        }
+        let in_range = |key: &str, v: f64, ok: bool, allowed: &str| {
+            if v.is_finite() && ok {
+                Ok(())
+            } else {
+                Err(ConfigError::invalid(
+                    key,
+                    format!("`{v}` is out of range; allowed: {allowed}"),
+                ))
+            }
+        };
+        in_range(
+            "budget.burst_seconds",
+            b.burst_seconds,
+            (0.0..=60.0).contains(&b.burst_seconds),
+            "0 to 60",
+        )?;
+        in_range(
+            "budget.headroom",
+            b.headroom,
+            (0.0..0.5).contains(&b.headroom),
+            "0 or more, below 0.5",
+        )?;
+        in_range(
+            "budget.adaptive_decrease",
+            b.adaptive_decrease,
+            b.adaptive_decrease > 0.0 && b.adaptive_decrease < 1.0,
+            "above 0, below 1",
+        )?;
+        in_range(
+            "budget.adaptive_quiet_secs",
+            b.adaptive_quiet_secs,
+            (0.0..=3_600.0).contains(&b.adaptive_quiet_secs),
+            "0 to 3600",
+        )?;
+        in_range(
+            "budget.adaptive_recovery_secs",
+            b.adaptive_recovery_secs,
+            b.adaptive_recovery_secs > 0.0 && b.adaptive_recovery_secs <= 86_400.0,
+            "above 0, at most 86400",
+        )?;
+        positive("budget.learned_ttl_secs", b.learned_ttl_secs)?;
         positive(
             "budget.max_concurrent_requests",
             u64::from(b.max_concurrent_requests),
@@ -570,10 +683,24 @@ impl Config {
                 models: raw.budget_models,
                 tenant_shares: raw.budget_tenants,
                 burst_seconds: b.burst_seconds,
+                headroom: b.headroom,
                 max_concurrent_requests: b.max_concurrent_requests,
                 lease_secs: b.lease_secs,
                 max_wait_secs: b.max_wait_secs,
                 refund_unused_tokens: b.refund_unused_tokens,
+                caps: LimitCaps {
+                    requests_per_minute: (b.requests_per_minute > 0)
+                        .then_some(b.requests_per_minute),
+                    tokens_per_minute: (b.tokens_per_minute > 0).then_some(b.tokens_per_minute),
+                },
+                learn_limits: b.learn_limits,
+                learned_ttl_secs: b.learned_ttl_secs,
+                adaptive: Adaptive {
+                    enabled: b.adaptive,
+                    decrease: b.adaptive_decrease,
+                    quiet_secs: b.adaptive_quiet_secs,
+                    recovery_secs: b.adaptive_recovery_secs,
+                },
             },
             queue: raw.queue,
             worker: WorkerConfig {
@@ -781,6 +908,21 @@ mod tests {
         assert_eq!(c.worker.concurrency, 10);
         assert!(c.provider.keys.is_empty());
         assert!(c.price("gpt-4o-mini-2024-07-18").is_some());
+        // The plan is a starting value, not a cap; the code's defaults are the file's.
+        assert_eq!(c.budget.caps, LimitCaps::default());
+        let d = BudgetConfig::default();
+        assert_eq!(
+            (c.budget.burst_seconds, c.budget.headroom, c.budget.adaptive),
+            (d.burst_seconds, d.headroom, d.adaptive)
+        );
+        assert_eq!(
+            (
+                c.budget.learn_limits,
+                c.budget.learned_ttl_secs,
+                c.budget.limits
+            ),
+            (d.learn_limits, d.learned_ttl_secs, d.limits)
+        );
     }
 
     #[test]
@@ -802,6 +944,14 @@ mod tests {
         assert_eq!(c.provider.base_url, "http://127.0.0.1:9/v1");
         assert_eq!(c.budget.limits.requests_per_minute, 50);
         assert_eq!(c.budget.limits.tokens_per_minute, 90_000);
+        // Set explicitly, they cap whatever the provider advertises.
+        assert_eq!(
+            c.budget.caps_for("gpt-4o-mini"),
+            LimitCaps {
+                requests_per_minute: Some(50),
+                tokens_per_minute: Some(90_000)
+            }
+        );
         assert_eq!(c.budget.max_concurrent_requests, 5);
         assert_eq!(c.worker.concurrency, 5);
         assert_eq!(c.redis.url, "redis://127.0.0.1:7000/2");

@@ -41,6 +41,8 @@ pub struct Metrics {
     pub llm_cost: prometheus::CounterVec,
     pub budget_limit_requests: IntGaugeVec,
     pub budget_limit_tokens: IntGaugeVec,
+    pub budget_configured_requests: IntGaugeVec,
+    pub budget_configured_tokens: IntGaugeVec,
     pub budget_requests_available: prometheus::GaugeVec,
     pub budget_tokens_available: prometheus::GaugeVec,
     pub budget_admissions: IntCounterVec,
@@ -227,13 +229,25 @@ impl Metrics {
             budget_limit_requests: gauge(
                 &r,
                 "fanout_budget_limit_requests_per_minute",
-                "Requests per minute the budget allows.",
+                "Requests per minute the budget paces to now: the provider's advertised limit (or the configured one), capped, lowered while the adaptive rate is below it.",
                 &["key", "model"],
             ),
             budget_limit_tokens: gauge(
                 &r,
                 "fanout_budget_limit_tokens_per_minute",
-                "Tokens per minute the budget allows.",
+                "Tokens per minute the budget paces to now: the provider's advertised limit (or the configured one), capped, lowered while the adaptive rate is below it.",
+                &["key", "model"],
+            ),
+            budget_configured_requests: gauge(
+                &r,
+                "fanout_budget_configured_requests_per_minute",
+                "Requests per minute configured (the plan's or set explicitly): the starting value, and a cap when set explicitly.",
+                &["key", "model"],
+            ),
+            budget_configured_tokens: gauge(
+                &r,
+                "fanout_budget_configured_tokens_per_minute",
+                "Tokens per minute configured (the plan's or set explicitly): the starting value, and a cap when set explicitly.",
                 &["key", "model"],
             ),
             budget_requests_available: fgauge(

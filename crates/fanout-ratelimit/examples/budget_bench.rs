@@ -7,7 +7,6 @@
 //! script calls a worker makes per LLM call. Redis time comes from `INFO commandstats`
 //! (`usec_per_call` of EVALSHA), reset before each phase.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -30,13 +29,12 @@ async fn main() -> anyhow::Result<()> {
             requests_per_minute: 1_000_000_000,
             tokens_per_minute: 1_000_000_000_000,
         },
-        models: BTreeMap::new(),
-        tenant_shares: BTreeMap::new(),
         burst_seconds: 1.0,
         max_concurrent_requests: u32::MAX,
         lease_secs: 3_600,
-        max_wait_secs: 20,
         refund_unused_tokens: true,
+        learn_limits: false,
+        ..BudgetConfig::default()
     };
     let budget = Budget::new(pool, "bench", config, vec!["k1".into(), "k2".into()]);
     let mut admin = redis.client().get_connection()?;

@@ -1,39 +1,59 @@
 -- acquire.lua: admit one request and its estimated tokens on the (API key, model family) budget
 -- that can take it soonest (most headroom on ties), in waiting-room order, together with a
--- cluster-wide concurrency lease; or say how long this waiter should sleep.
+-- cluster-wide concurrency lease; or say how long this waiter should sleep. Runs after the
+-- limits.lua prelude.
 --
 -- Each budget is a GCRA pair (requests, tokens) kept as theoretical arrival times (TAT, ms on the
--- Redis clock). Everything is in milliseconds of budget: a cost of c units at r units/ms "weighs"
--- c / r ms, and the bucket holds `burst` ms. A cost fits at time t when
---     t >= tat - burst + min(weight, burst) + skew
+-- Redis clock), paced at the effective limit less `headroom`. Everything is in milliseconds of
+-- budget: a cost of c units at r units/ms "weighs" c / r ms, and the bucket holds `burst` ms. A
+-- cost fits at time t when
+--     t >= tat - max(burst - min(weight, burst), late)
 -- (a cost bigger than the bucket fits once the bucket is full, then leaves it in debt), and taking
--- it sets tat = max(tat, t) + weight. `skew` keeps our schedule a little inside the provider's so
--- that jitter between our admission and the provider seeing the request cannot earn a 429.
+-- it sets tat = max(tat, t) + weight. `late` lets an admission run a few ms ahead of its
+-- schedule even with no burst, so a waiter that wakes a little late loses nothing. Any k + 1
+-- admissions therefore span at least k weights less (burst + late): with the default burst of 0,
+-- no provider window, sliding or fixed, of W seconds sees more than (W + late) of budget, which
+-- `headroom` covers together with the jitter between our clock and the provider's.
+--
+-- A budget whose limits are not known yet (nothing learnt, the provider not heard from) lets one
+-- call through first (the probe) and holds the rest until its answer says what the limits are.
 --
 -- Fairness: every caller enters the waiting room (score: priority, then enqueue time). A waiter
 -- may take budget only if the budget fits every waiter ahead of it first (simulated in order on
 -- the key each would get) and then itself, right now; and only if a lease is free for each waiter
--- ahead and for itself. Waiters whose expiry passed (dead processes) are purged.
+-- ahead and for itself. Waiters whose expiry passed (dead processes) are purged. Only the first
+-- `ahead limit` waiters ahead are played; further back, the rest are counted at the average cost
+-- of those played, so the cost of a call stays bounded however long the line.
 --
 -- KEYS[1]  leases ZSET: lease id -> expiry (ms)
 -- KEYS[2]  waiting room ZSET: waiter id -> order score (lowest first)
 -- KEYS[3]  waiter expiry ZSET: waiter id -> expiry (ms)
 -- KEYS[4]  waiter cost HASH: waiter id -> estimated tokens
--- KEYS[5..] one bucket HASH per API key of the family: rtat, ttat (ms), paused (ms)
+-- KEYS[5 .. 4+n]     one bucket HASH per API key of the family: rtat, ttat (ms), paused (ms)
+-- KEYS[5+n .. 4+2n]  one limits HASH per API key of the family (see limits.lua)
 -- ARGV[1]  waiter id (the lease id once admitted)
 -- ARGV[2]  order score
 -- ARGV[3]  estimated tokens of this request
--- ARGV[4]  requests per minute
--- ARGV[5]  tokens per minute
--- ARGV[6]  burst (ms of budget the bucket holds)
--- ARGV[7]  skew allowance (ms)
--- ARGV[8]  max concurrent leases, cluster-wide
--- ARGV[9]  lease ttl (ms)
--- ARGV[10] waiter grace (ms): how long past its wake-up time a waiter keeps its place
--- ARGV[11] concurrency poll base (ms)
--- ARGV[12] most waiters ahead to simulate
--- Returns: {1, key index (1-based), now ms (string)} when admitted, or
---          {0, wait ms, reason ("budget" | "paused" | "concurrency"), now ms (string)}
+-- ARGV[4]  starting requests per minute (configured or the plan's)
+-- ARGV[5]  starting tokens per minute
+-- ARGV[6]  cap on requests per minute (0 = none)
+-- ARGV[7]  cap on tokens per minute (0 = none)
+-- ARGV[8]  burst (ms of budget the bucket holds)
+-- ARGV[9]  headroom: share of the effective limit left unused
+-- ARGV[10] max concurrent leases, cluster-wide
+-- ARGV[11] lease ttl (ms)
+-- ARGV[12] waiter grace (ms): how long past its wake-up time a waiter keeps its place
+-- ARGV[13] concurrency poll base (ms)
+-- ARGV[14] most waiters ahead to simulate
+-- ARGV[15] 1 to use learnt limits (and probe for them), 0 not
+-- ARGV[16] adaptive quiet period (ms)
+-- ARGV[17] adaptive recovery time (ms)
+-- ARGV[18] lateness allowance (ms): how far ahead of its schedule an admission may run
+-- Returns: {1, key index (1-based), now ms (string), probe (0/1), paced tokens per minute of that
+--          key (string), its request weight in ms (string)} when admitted, or
+--          {0, wait ms, reason ("budget" | "paused" | "concurrency" | "learning"), now ms (string)},
+--          or {2, tokens per minute (string)} when the request is larger than a minute of every
+--          key's token limit
 
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
@@ -42,18 +62,19 @@ local leases, room, wexp, wcost = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local me = ARGV[1]
 local score = ARGV[2]
 local my_tokens = tonumber(ARGV[3])
-local rpm = tonumber(ARGV[4])
-local tpm = tonumber(ARGV[5])
-local burst = tonumber(ARGV[6])
-local skew = tonumber(ARGV[7])
-local max_leases = tonumber(ARGV[8])
-local lease_ms = tonumber(ARGV[9])
-local grace = tonumber(ARGV[10])
-local poll = tonumber(ARGV[11])
-local ahead_limit = tonumber(ARGV[12])
-
-local req_weight = 60000 / rpm
-local tok_per_ms = tpm / 60000
+local start_r, start_t = tonumber(ARGV[4]), tonumber(ARGV[5])
+local cap_r, cap_t = tonumber(ARGV[6]), tonumber(ARGV[7])
+local burst = tonumber(ARGV[8])
+local pace = 1 - tonumber(ARGV[9])
+local max_leases = tonumber(ARGV[10])
+local lease_ms = tonumber(ARGV[11])
+local grace = tonumber(ARGV[12])
+local poll = tonumber(ARGV[13])
+local ahead_limit = tonumber(ARGV[14])
+local learn = tonumber(ARGV[15])
+local quiet = tonumber(ARGV[16])
+local recovery = tonumber(ARGV[17])
+local late = tonumber(ARGV[18])
 
 -- Purge expired leases; with anyone waiting, purge dead waiters and take a place in line.
 -- An empty room (the common case while the budget does not bind) needs no place: nobody is ahead.
@@ -89,57 +110,100 @@ if rank >= free then
   return wait_reply(math.min(poll * behind, 20 * poll), 'concurrency')
 end
 
-local n = #KEYS - 4
+local n = (#KEYS - 4) / 2
 local rtat, ttat, paused, real_r, real_t = {}, {}, {}, {}, {}
+local req_weight, tok_per_ms, probing, probe_busy, base_t = {}, {}, {}, {}, {}
 for i = 1, n do
   local v = redis.call('HMGET', KEYS[4 + i], 'rtat', 'ttat', 'paused')
   rtat[i] = tonumber(v[1]) or 0
   ttat[i] = tonumber(v[2]) or 0
   paused[i] = tonumber(v[3]) or 0
   real_r[i], real_t[i] = rtat[i], ttat[i]
+  local s = limits_of(KEYS[4 + n + i], now, start_r, start_t, cap_r, cap_t, learn, quiet, recovery)
+  req_weight[i] = 60000 / (s.eff[1] * pace)
+  tok_per_ms[i] = s.eff[2] * pace / 60000
+  base_t[i] = s.base[2]
+  probing[i] = s.needs_probe
+  probe_busy[i] = s.needs_probe and s.probe > now and s.probe or nil
+end
+
+-- A request bigger than a whole minute of every key's token limit (learnt or configured, capped)
+-- can never be served: the provider refuses it ("request too large"), and it would leave our
+-- budget in debt for minutes. Say so instead of admitting it.
+local largest = 0
+for i = 1, n do
+  largest = math.max(largest, base_t[i])
+end
+if my_tokens > largest then
+  if in_room then
+    redis.call('ZREM', room, me)
+    redis.call('ZREM', wexp, me)
+    redis.call('HDEL', wcost, me)
+  end
+  return {2, string.format('%.0f', largest)}
 end
 
 local function earliest(tat, weight)
-  return tat - burst + math.min(weight, burst) + skew
+  return tat - math.max(burst - math.min(weight, burst), late)
 end
 
--- The key on which `tokens` fits soonest (most headroom on ties), and when.
+-- The key on which `tokens` fits soonest (most headroom on ties), when, and its weights.
 local function pick(tokens)
-  local tok_weight = tokens / tok_per_ms
-  local best, best_t, best_room = nil, nil, nil
+  local best, best_t, best_room, best_tw = nil, nil, nil, nil
   for i = 1, n do
-    local at = math.max(now, paused[i], earliest(rtat[i], req_weight), earliest(ttat[i], tok_weight))
+    local tok_weight = tokens / tok_per_ms[i]
+    local at = math.max(now, paused[i], earliest(rtat[i], req_weight[i]), earliest(ttat[i], tok_weight))
+    if probe_busy[i] then
+      -- Its limits are being learnt: look again soon (the answer may take a while).
+      at = math.max(at, now + math.min(probe_busy[i] - now, 250))
+    end
     local room_left = burst - math.max(0, math.max(rtat[i], ttat[i]) - now)
     if best == nil or at < best_t or (at == best_t and room_left > best_room) then
-      best, best_t, best_room = i, at, room_left
+      best, best_t, best_room, best_tw = i, at, room_left, tok_weight
     end
   end
-  return best, best_t, tok_weight
+  return best, best_t, best_tw
 end
 
 -- Play the waiters ahead in order on a copy of the state.
+local extra = 0
 if rank > 0 then
   local ahead = redis.call('ZRANGE', room, 0, math.min(rank, ahead_limit) - 1)
   local costs = redis.call('HMGET', wcost, unpack(ahead))
+  local played = 0
   for j = 1, #ahead do
-    local k, at, tok_weight = pick(tonumber(costs[j]) or 1)
-    rtat[k] = math.max(rtat[k], at) + req_weight
-    ttat[k] = math.max(ttat[k], at) + tok_weight
+    local cost = tonumber(costs[j]) or 1
+    -- A waiter too large for any key will be turned away, not admitted: it holds up nobody.
+    if cost <= largest then
+      local k, at, tok_weight = pick(cost)
+      rtat[k] = math.max(rtat[k], at) + req_weight[k]
+      ttat[k] = math.max(ttat[k], at) + tok_weight
+      played = played + math.max(req_weight[k], tok_weight)
+      if probing[k] and not probe_busy[k] then
+        probe_busy[k] = now + lease_ms
+      end
+    end
+  end
+  if rank > #ahead then
+    extra = (rank - #ahead) * played / #ahead / n
   end
 end
 
 local k, at, tok_weight = pick(my_tokens)
+at = at + extra
 if at > now then
   local reason = 'budget'
   if at == paused[k] then
     reason = 'paused'
+  elseif probe_busy[k] then
+    reason = 'learning'
   end
   return wait_reply(at - now, reason)
 end
 
 -- Admitted: charge the real state of key k (not the simulated one).
 local bucket = KEYS[4 + k]
-local new_r = math.max(real_r[k], now) + req_weight
+local new_r = math.max(real_r[k], now) + req_weight[k]
 local new_t = math.max(real_t[k], now) + tok_weight
 redis.call('HSET', bucket, 'rtat', string.format('%.3f', new_r), 'ttat', string.format('%.3f', new_t))
 local idle_after = math.max(new_r, new_t, paused[k]) - now
@@ -150,4 +214,15 @@ if in_room then
   redis.call('ZREM', wexp, me)
   redis.call('HDEL', wcost, me)
 end
-return {1, k, string.format('%.3f', now)}
+local probe = 0
+if probing[k] then
+  -- This call learns the limits; the others wait for its answer (or its lease's expiry).
+  local lkey = KEYS[4 + n + k]
+  redis.call('HSET', lkey, 'probe', string.format('%.3f', now + lease_ms), 'prober', me)
+  if redis.call('PTTL', lkey) < lease_ms then
+    redis.call('PEXPIRE', lkey, lease_ms)
+  end
+  probe = 1
+end
+return {1, k, string.format('%.3f', now), probe, string.format('%.3f', tok_per_ms[k] * 60000),
+  string.format('%.3f', req_weight[k])}

@@ -8,17 +8,31 @@
 --
 -- KEYS[1]  leases ZSET: lease id -> expiry (ms)
 -- KEYS[2]  bucket HASH of the (key, family) that admitted the request: rtat, ttat, paused
+-- KEYS[3]  limits HASH of that (key, family): a probe this call was is over (see limits.lua)
 -- ARGV[1]  lease id
 -- ARGV[2]  token difference to apply: actual - estimate (negative = refund, 0 = none)
--- ARGV[3]  tokens per minute
+-- ARGV[3]  tokens per minute the admission was paced at (the weight of the difference)
+-- ARGV[4]  request weight to give back (ms; 0 = none): the provider refused the call and
+--          counted nothing, so the request goes back too
 -- Returns: 1 if the lease was released by this call (and the difference applied), else 0
 
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
 
 local removed = redis.call('ZREM', KEYS[1], ARGV[1])
+if redis.call('HGET', KEYS[3], 'prober') == ARGV[1] then
+  redis.call('HDEL', KEYS[3], 'probe', 'prober')
+end
 if removed == 0 then
   return 0
+end
+
+local request_back = tonumber(ARGV[4])
+if request_back > 0 then
+  local rtat = tonumber(redis.call('HGET', KEYS[2], 'rtat')) or 0
+  if rtat > now then
+    redis.call('HSET', KEYS[2], 'rtat', string.format('%.3f', math.max(rtat - request_back, now)))
+  end
 end
 
 local delta = tonumber(ARGV[2])

@@ -1,14 +1,14 @@
 //! The shared budget: admission, settlement, provider feedback and snapshots.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use deadpool_redis::Pool;
-use fanout_core::config::{BudgetConfig, ModelLimits, model_family};
+use fanout_core::config::{BudgetConfig, LimitCaps, ModelLimits, model_family};
 use rand::Rng as _;
 use redis::Value;
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
 use crate::error::{Error, Result};
 use crate::keeper::{Chore, Keeper};
@@ -16,20 +16,23 @@ use crate::keys::Keys;
 use crate::redis_conn::{Redis, SCRIPTS, array, float, int, text};
 use crate::stats::BudgetStats;
 
-/// How far inside the provider's schedule ours runs: jitter up to this long between our admission
-/// and the provider seeing the request cannot earn a 429. Costs `skew × rate` of the first burst
-/// and nothing in steady state (for limits above one request per `burst_seconds + skew`).
-pub const SKEW_ALLOWANCE: Duration = Duration::from_millis(50);
 /// How long past its predicted turn a silent waiter keeps its place in the waiting room.
 const WAITER_GRACE_MS: u64 = 1_000;
 /// Concurrency waits poll (releases are not scheduled): this times the place in line, capped at 20×.
 const CONCURRENCY_POLL_MS: u64 = 10;
+/// How far ahead of its schedule an admission may run with no burst: a waiter that wakes this
+/// late (timer granularity, a round trip) loses no budget; a provider window of W seconds sees at
+/// most (W + this) of budget, which the headroom covers.
+const LATENESS_MS: f64 = 10.0;
 /// Waiters ahead that one admission plays through, at most.
 const AHEAD_LIMIT: u64 = 512;
 /// A provider's `remaining` is news only when it is this share of the burst below our view.
 const REMAINING_TOLERANCE: f64 = 0.5;
 /// Pause after a 429 that carried neither retry-after nor a usable reset.
 const DEFAULT_PAUSE: Duration = Duration::from_secs(1);
+/// Advertised limits already in Redis are confirmed at most this often by one process (every
+/// response carries them; one write a while renews their TTL).
+const LEARN_REFRESH: Duration = Duration::from_secs(30);
 
 /// What a caller wants admitted.
 #[derive(Debug, Clone)]
@@ -92,6 +95,9 @@ pub struct Admission {
     pub tenant_waited: Duration,
     /// When the budget admitted the request (ms since the epoch, Redis clock).
     pub admitted_at_ms: u64,
+    /// The first call to a budget whose limits were not known: its answer teaches them, and
+    /// other calls to that budget wait for it. Pass its signal to [`Budget::feedback`].
+    pub probe: bool,
     lease: Option<Lease>,
 }
 
@@ -106,11 +112,42 @@ impl Admission {
 #[derive(Debug, Clone, Default)]
 pub struct ProviderSignal {
     pub retry_after: Option<Duration>,
+    /// The per-minute limits the provider advertised (`x-ratelimit-limit-*`).
+    pub limit_requests: Option<u64>,
+    pub limit_tokens: Option<u64>,
     pub remaining_requests: Option<u64>,
     pub remaining_tokens: Option<u64>,
     pub reset_requests: Option<Duration>,
     pub reset_tokens: Option<Duration>,
+    /// The HTTP status; 0 when the call never got an answer (a transport failure). Only a 429
+    /// for the rate (not "request too large", not `insufficient_quota`) should be passed as 429.
     pub status: u16,
+    /// Which limit a 429 names (`None`: unknown, both are lowered).
+    pub limited: Option<Dimension>,
+    /// When the budget admitted the call ([`Admission::admitted_at_ms`]): a 429 for a call
+    /// admitted before the last decrease does not lower the rate again.
+    pub admitted_at_ms: Option<u64>,
+    /// The call was a probe ([`Admission::probe`]): its answer must reach Redis.
+    pub probe: bool,
+}
+
+/// A rate limit's dimension.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dimension {
+    Requests,
+    Tokens,
+}
+
+impl ProviderSignal {
+    /// The signal of one answer to the call `admission` admitted.
+    pub fn for_admission(admission: &Admission, status: u16) -> Self {
+        Self {
+            status,
+            admitted_at_ms: Some(admission.admitted_at_ms),
+            probe: admission.probe,
+            ..Self::default()
+        }
+    }
 }
 
 /// The state of one (key, family) budget, for metrics.
@@ -118,8 +155,16 @@ pub struct ProviderSignal {
 pub struct BudgetSnapshot {
     pub key: String,
     pub family: String,
-    pub requests_per_minute: u64,
-    pub tokens_per_minute: u64,
+    /// The limits the budget paces to now (before headroom): learnt or configured, capped, and
+    /// lowered while the adaptive rate is below them.
+    pub requests_per_minute: f64,
+    pub tokens_per_minute: f64,
+    /// The configured limits (the plan's or set explicitly): the starting value or cap.
+    pub configured_requests_per_minute: u64,
+    pub configured_tokens_per_minute: u64,
+    /// What the provider advertised, if it did (and learning is on).
+    pub learnt_requests_per_minute: Option<u64>,
+    pub learnt_tokens_per_minute: Option<u64>,
     /// Requests that could start now (negative: debt).
     pub requests_available: f64,
     /// Tokens that could be taken now (negative: debt from an under-estimate or a big request).
@@ -148,7 +193,8 @@ struct Inner {
     stats: Arc<BudgetStats>,
     families: Mutex<BTreeSet<String>>,
     keeper: Keeper,
-    skew: Duration,
+    /// Per limits key: the advertised limits this process last stored, and when.
+    learnt: Mutex<HashMap<String, (Advertised, Instant)>>,
 }
 
 impl std::fmt::Debug for Budget {
@@ -161,12 +207,20 @@ impl std::fmt::Debug for Budget {
     }
 }
 
+/// Advertised (requests, tokens) per minute.
+type Advertised = (Option<u64>, Option<u64>);
+
 /// The lease half of an admission: releases itself when dropped unsettled.
 struct Lease {
     id: String,
     family: String,
     budget: Arc<Inner>,
     bucket_key: String,
+    limits_key: String,
+    /// Tokens per minute the admission was paced at: the weight of a settled difference.
+    paced_tpm: f64,
+    /// The weight of the request itself (ms), given back if the provider refused it.
+    request_weight_ms: f64,
 }
 
 impl std::fmt::Debug for Lease {
@@ -207,8 +261,20 @@ impl Drop for Waiter<'_> {
 }
 
 enum Reply {
-    Admitted { key_index: usize, now_ms: f64 },
-    Wait { wait: Duration, reason: String },
+    Admitted {
+        key_index: usize,
+        now_ms: f64,
+        probe: bool,
+        paced_tpm: f64,
+        request_weight_ms: f64,
+    },
+    Wait {
+        wait: Duration,
+        reason: String,
+    },
+    TooLarge {
+        tokens_per_minute: u64,
+    },
 }
 
 impl Budget {
@@ -225,22 +291,9 @@ impl Budget {
                 stats: Arc::default(),
                 families: Mutex::default(),
                 keeper: Keeper::new(),
-                skew: SKEW_ALLOWANCE,
+                learnt: Mutex::default(),
             }),
         }
-    }
-
-    /// The same budget with another skew allowance (default [`SKEW_ALLOWANCE`]): how much jitter
-    /// between our admission and the provider seeing the request is tolerated without a 429.
-    /// Every process sharing the budget should use the same value. Call before cloning.
-    ///
-    /// # Panics
-    /// If the budget was already cloned.
-    pub fn with_skew_allowance(mut self, skew: Duration) -> Self {
-        Arc::get_mut(&mut self.inner)
-            .expect("with_skew_allowance is called before the budget is cloned")
-            .skew = skew;
-        self
     }
 
     /// A request for `model` and `estimated_tokens` at priority 0, enqueued now, waiting at most
@@ -319,6 +372,12 @@ impl Budget {
             .iter()
             .map(|k| inner.keys.bucket(k, &family))
             .collect();
+        let limit_keys: Vec<String> = inner
+            .key_names
+            .iter()
+            .map(|k| inner.keys.limits(k, &family))
+            .collect();
+        let caps = inner.config.caps_for(&req.model);
         let tokens = req.estimated_tokens.max(1);
         loop {
             let mut inv = SCRIPTS.acquire.prepare_invoke();
@@ -327,26 +386,38 @@ impl Budget {
                 .key(inner.keys.room_expiry(&family))
                 .key(inner.keys.room_cost(&family))
                 .key(&bucket_keys)
+                .key(&limit_keys)
                 .arg(&waiter.id)
                 .arg(score)
-                .arg(tokens)
-                .arg(limits.requests_per_minute.max(1))
-                .arg(limits.tokens_per_minute.max(1))
-                .arg(burst_ms(&inner.config))
-                .arg(inner.skew.as_secs_f64() * 1000.0)
+                .arg(tokens);
+            limit_args(&mut inv, limits, caps);
+            inv.arg(burst_ms(&inner.config))
+                .arg(inner.config.headroom)
                 .arg(inner.config.max_concurrent_requests)
                 .arg(inner.config.lease_secs * 1000)
                 .arg(WAITER_GRACE_MS)
                 .arg(CONCURRENCY_POLL_MS)
                 .arg(AHEAD_LIMIT);
+            adaptive_args(&mut inv, &inner.config);
+            inv.arg(LATENESS_MS);
             let reply = parse_acquire(inner.redis.run(&inv).await?)?;
             match reply {
-                Reply::Admitted { key_index, now_ms } => {
+                Reply::Admitted {
+                    key_index,
+                    now_ms,
+                    probe,
+                    paced_tpm,
+                    request_weight_ms,
+                } => {
                     waiter.armed = false;
                     let waited = started.elapsed();
                     let key = inner.key_names[key_index].clone();
                     inner.keeper.hold(&waiter.id);
                     BudgetStats::add(&inner.stats.admissions, 1);
+                    if probe {
+                        BudgetStats::add(&inner.stats.probes, 1);
+                        debug!(key, family, "limits not known yet: this call learns them");
+                    }
                     if waited_once {
                         BudgetStats::add(&inner.stats.wait_micros, waited.as_micros() as u64);
                     }
@@ -356,13 +427,24 @@ impl Budget {
                             family: family.clone(),
                             budget: self.inner.clone(),
                             bucket_key: bucket_keys[key_index].clone(),
+                            limits_key: limit_keys[key_index].clone(),
+                            paced_tpm,
+                            request_weight_ms,
                         }),
+                        probe,
                         key,
                         family: family.clone(),
                         estimated_tokens: tokens,
                         waited,
                         tenant_waited,
                         admitted_at_ms: now_ms as u64,
+                    });
+                }
+                Reply::TooLarge { tokens_per_minute } => {
+                    waiter.armed = false;
+                    return Err(Error::TooLarge {
+                        tokens,
+                        tokens_per_minute,
                     });
                 }
                 Reply::Wait { wait, reason } => {
@@ -457,7 +539,24 @@ impl Budget {
     /// provider charged it too); below it, the difference is refunded if `refund_unused_tokens`
     /// (never past a full bucket). `None` (no usage known, e.g. a failed call) keeps the estimate
     /// charged. Settling twice, or after the lease expired, changes nothing.
-    pub async fn settle(&self, mut admission: Admission, actual_tokens: Option<u64>) -> Result<()> {
+    pub async fn settle(&self, admission: Admission, actual_tokens: Option<u64>) -> Result<()> {
+        self.release(admission, actual_tokens, false).await
+    }
+
+    /// After a call the provider refused without counting it (a 429: over its rate, or "request
+    /// too large"): release the lease and give back the request and all its estimated tokens,
+    /// whatever `refund_unused_tokens` says, so a refusal does not leave our budget in debt for
+    /// what the provider never charged. Idempotent like [`Budget::settle`].
+    pub async fn settle_refused(&self, admission: Admission) -> Result<()> {
+        self.release(admission, Some(0), true).await
+    }
+
+    async fn release(
+        &self,
+        mut admission: Admission,
+        actual_tokens: Option<u64>,
+        refused: bool,
+    ) -> Result<()> {
         let Some(lease) = admission.lease.take() else {
             return Ok(());
         };
@@ -465,7 +564,7 @@ impl Budget {
         let delta: i64 = match actual_tokens {
             Some(actual) => {
                 let d = actual as i64 - admission.estimated_tokens as i64;
-                if d < 0 && !inner.config.refund_unused_tokens {
+                if d < 0 && !inner.config.refund_unused_tokens && !refused {
                     0
                 } else {
                     d
@@ -473,13 +572,18 @@ impl Budget {
             }
             None => 0,
         };
-        let limits = inner.config.limits_for(&admission.family);
         let mut inv = SCRIPTS.settle.prepare_invoke();
         inv.key(inner.keys.leases())
             .key(&lease.bucket_key)
+            .key(&lease.limits_key)
             .arg(&lease.id)
             .arg(delta)
-            .arg(limits.tokens_per_minute.max(1));
+            .arg(lease.paced_tpm.max(1e-3))
+            .arg(if refused {
+                lease.request_weight_ms
+            } else {
+                0.0
+            });
         let result = inner.redis.run(&inv).await;
         if result.is_ok() {
             // Released: the drop must not release it again.
@@ -489,60 +593,169 @@ impl Budget {
         result.map(|_| ())
     }
 
-    /// What the provider said about `key` for `model`: a 429 (or any retry-after) pauses that
-    /// budget for every process until the time is over; `remaining` headers well below our own
-    /// view lower what the budget thinks is available. Returns once Redis has it.
+    /// What the provider said about `key` for `model`, on any answer: advertised limits are
+    /// learnt for every process; a 429 (or any retry-after) pauses that budget for every process
+    /// until the time is over, and, when the call was admitted after the last decrease, lowers
+    /// the rate (adaptive); `remaining` headers well below our own view lower what the budget
+    /// thinks is available. Goes to Redis only when there is news (a 429, a probe's answer, a
+    /// limit that changed or is due for confirmation, an exhausted `remaining`); returns once
+    /// Redis has it.
     pub async fn feedback(&self, key: &str, model: &str, signal: ProviderSignal) -> Result<()> {
         let inner = &*self.inner;
         if !inner.key_names.iter().any(|k| k == key) {
             return Err(Error::UnknownKey(key.to_owned()));
         }
         let family = model_family(model);
+        self.track(model);
         let limits = inner.config.limits_for(model);
+        let caps = inner.config.caps_for(model);
+        let limits_key = inner.keys.limits(key, family);
         let is_429 = signal.status == 429;
         if is_429 {
             BudgetStats::add(&inner.stats.feedback_429, 1);
         }
+        let learn = inner.config.learn_limits;
+        let advertised = (
+            signal.limit_requests.filter(|&n| n > 0),
+            signal.limit_tokens.filter(|&n| n > 0),
+        );
+        let learn_news = learn && self.learn_is_news(&limits_key, advertised);
+        // A low `remaining` can be news only for a bucket that holds a burst (see feedback.lua).
+        let low = |remaining: Option<u64>, limit: Option<u64>| match (remaining, limit) {
+            (Some(0), _) => true,
+            (Some(r), Some(l)) => inner.config.burst_seconds > 0.0 && r * 2 < l,
+            _ => false,
+        };
+        let low = low(
+            signal.remaining_requests,
+            advertised.0.or(Some(limits.requests_per_minute)),
+        ) || low(
+            signal.remaining_tokens,
+            advertised.1.or(Some(limits.tokens_per_minute)),
+        );
+        if !(is_429 || signal.probe || learn_news || low || signal.retry_after.is_some()) {
+            BudgetStats::add(&inner.stats.feedback_skipped, 1);
+            return Ok(());
+        }
         let pause = pause_for(&signal);
+        // A remaining count is a share of the limit it was counted against: the advertised one.
         let fraction = |remaining: Option<u64>, limit: u64| {
             remaining.map_or(-1.0, |r| (r as f64 / limit.max(1) as f64).min(1.0))
         };
         let ms = |d: Option<Duration>| d.map_or(-1.0, |d| d.as_secs_f64() * 1000.0);
+        let lower = if is_429 && inner.config.adaptive.enabled {
+            match signal.limited {
+                Some(Dimension::Requests) => 1,
+                Some(Dimension::Tokens) => 2,
+                None => 3,
+            }
+        } else {
+            0
+        };
         let mut inv = SCRIPTS.feedback.prepare_invoke();
         inv.key(inner.keys.bucket(key, family))
+            .key(&limits_key)
             .arg(pause.map_or(0, |p| p.as_millis() as u64))
             .arg(fraction(
                 signal.remaining_requests,
-                limits.requests_per_minute,
+                advertised.0.unwrap_or(limits.requests_per_minute),
             ))
-            .arg(fraction(signal.remaining_tokens, limits.tokens_per_minute))
+            .arg(fraction(
+                signal.remaining_tokens,
+                advertised.1.unwrap_or(limits.tokens_per_minute),
+            ))
             .arg(ms(signal.reset_requests))
             .arg(ms(signal.reset_tokens))
             .arg(burst_ms(&inner.config))
             .arg(REMAINING_TOLERANCE)
             .arg(u8::from(is_429));
+        limit_args(&mut inv, limits, caps);
+        adaptive_args(&mut inv, &inner.config);
+        let signed = |n: Option<u64>| n.map_or(-1, |n| n as i64);
+        inv.arg(signed(advertised.0))
+            .arg(signed(advertised.1))
+            .arg(u8::from(signal.status != 0))
+            .arg(lower)
+            .arg(signed(signal.admitted_at_ms))
+            .arg(inner.config.adaptive.decrease)
+            .arg(inner.config.learned_ttl_secs.saturating_mul(1000));
         let reply = array(inner.redis.run(&inv).await?).ok_or_else(|| Error::Reply {
             script: "feedback",
             detail: "expected an array".into(),
         })?;
-        let flags: Vec<i64> = reply.iter().map(|v| int(v).unwrap_or(0)).collect();
-        if flags.contains(&1) {
+        if learn && (advertised.0.is_some() || advertised.1.is_some()) {
+            self.inner
+                .learnt
+                .lock()
+                .expect("learnt")
+                .insert(limits_key, (advertised, Instant::now()));
+        }
+        let flag = |i: usize| reply.get(i).and_then(int) == Some(1);
+        let number = |i: usize| reply.get(i).and_then(float).filter(|v| *v > 0.0);
+        let (effective_rpm, effective_tpm) = (number(6).unwrap_or(0.0), number(7).unwrap_or(0.0));
+        if flag(0) || flag(1) || flag(2) {
             BudgetStats::add(&inner.stats.pauses_applied, 1);
-            info!(
+            debug!(
                 key,
                 family,
                 status = signal.status,
                 paused_ms = pause.map(|p| p.as_millis() as u64),
-                lowered_requests = flags.get(1) == Some(&1),
-                lowered_tokens = flags.get(2) == Some(&1),
+                lowered_requests = flag(1),
+                lowered_tokens = flag(2),
                 "budget held back on provider feedback"
+            );
+        }
+        if flag(3) {
+            BudgetStats::add(&inner.stats.limits_learnt, 1);
+            match advertised {
+                (None, None) => info!(
+                    key,
+                    family,
+                    "provider advertises no limits: the configured ones apply, lowered on 429s"
+                ),
+                (r, t) => info!(
+                    key,
+                    family,
+                    advertised_rpm = r,
+                    advertised_tpm = t,
+                    effective_rpm = effective_rpm.round() as u64,
+                    effective_tpm = effective_tpm.round() as u64,
+                    "budget adopted the provider's advertised limits"
+                ),
+            }
+        }
+        let decreased = (number(4), number(5));
+        if decreased.0.is_some() || decreased.1.is_some() {
+            BudgetStats::add(&inner.stats.decreases, 1);
+            warn!(
+                key,
+                family,
+                requests_per_minute = decreased.0.map(|v| v.round() as u64),
+                tokens_per_minute = decreased.1.map(|v| v.round() as u64),
+                "unexpected 429: budget rate lowered for every process"
             );
         }
         Ok(())
     }
 
+    /// Whether advertised limits differ from what this process last stored, or are due for
+    /// confirmation.
+    fn learn_is_news(&self, limits_key: &str, advertised: Advertised) -> bool {
+        if advertised == (None, None) {
+            return false;
+        }
+        let learnt = self.inner.learnt.lock().expect("learnt");
+        let refresh =
+            LEARN_REFRESH.min(Duration::from_secs(self.inner.config.learned_ttl_secs / 4));
+        match learnt.get(limits_key) {
+            Some(&(stored, at)) => stored != advertised || at.elapsed() >= refresh,
+            None => true,
+        }
+    }
+
     /// Per (key, family) — families named in the config plus those this process has used — the
-    /// limits, what is available now, any pause, leases in use and waiters.
+    /// effective, configured and learnt limits, what is available now, any pause, leases in use
+    /// and waiters. Logs (once across processes) an adaptive rate that has climbed back.
     pub async fn snapshot(&self) -> Result<Vec<BudgetSnapshot>> {
         let inner = &*self.inner;
         let mut families: BTreeSet<String> = inner.config.models.keys().cloned().collect();
@@ -561,10 +774,23 @@ impl Budget {
         for (k, f) in &pairs {
             inv.key(inner.keys.bucket(k, f));
         }
+        for (k, f) in &pairs {
+            inv.key(inner.keys.limits(k, f));
+        }
         for f in &families {
             inv.key(inner.keys.room_expiry(f));
         }
-        inv.arg(pairs.len());
+        inv.arg(pairs.len())
+            .arg(u8::from(inner.config.learn_limits))
+            .arg(inner.config.adaptive.quiet_secs * 1000.0)
+            .arg(inner.config.adaptive.recovery_secs * 1000.0);
+        for (_, f) in &pairs {
+            limit_args(
+                &mut inv,
+                inner.config.limits_for(f),
+                inner.config.caps_for(f),
+            );
+        }
         let bad = |detail: &str| Error::Reply {
             script: "snapshot",
             detail: detail.to_owned(),
@@ -576,23 +802,39 @@ impl Budget {
         let now = float(&reply[0]).ok_or_else(|| bad("now"))?;
         let leases = int(&reply[1]).unwrap_or(0).max(0) as u64;
         let burst = burst_ms(&inner.config);
+        let pace = 1.0 - inner.config.headroom;
         let mut out = Vec::with_capacity(pairs.len());
         for (i, (key, family)) in pairs.iter().enumerate() {
             let state = array(reply[2 + i].clone()).unwrap_or_default();
             let field = |j: usize| state.get(j).and_then(float).unwrap_or(0.0);
+            let learnt = |j: usize| state.get(j).and_then(float).map(|v| v as u64);
             let (rtat, ttat, paused) = (field(0), field(1), field(2));
-            let limits: ModelLimits = inner.config.limits_for(family);
-            let available = |tat: f64, per_minute: u64| {
-                (burst - (tat - now).max(0.0)) * per_minute as f64 / 60_000.0
+            let (rpm, tpm) = (field(3), field(4));
+            if state.get(7).and_then(int) == Some(1) {
+                info!(
+                    key = key.as_str(),
+                    family = family.as_str(),
+                    requests_per_minute = rpm.round() as u64,
+                    tokens_per_minute = tpm.round() as u64,
+                    "budget rate back at its limit"
+                );
+            }
+            let configured: ModelLimits = inner.config.limits_for(family);
+            let available = |tat: f64, per_minute: f64| {
+                (burst - (tat - now).max(0.0)) * per_minute * pace / 60_000.0
             };
             let family_index = families.iter().position(|f| f == *family).unwrap_or(0);
             out.push(BudgetSnapshot {
                 key: (*key).clone(),
                 family: (*family).clone(),
-                requests_per_minute: limits.requests_per_minute,
-                tokens_per_minute: limits.tokens_per_minute,
-                requests_available: available(rtat, limits.requests_per_minute),
-                tokens_available: available(ttat, limits.tokens_per_minute),
+                requests_per_minute: rpm,
+                tokens_per_minute: tpm,
+                configured_requests_per_minute: configured.requests_per_minute,
+                configured_tokens_per_minute: configured.tokens_per_minute,
+                learnt_requests_per_minute: learnt(5),
+                learnt_tokens_per_minute: learnt(6),
+                requests_available: available(rtat, rpm),
+                tokens_available: available(ttat, tpm),
                 paused_for: (paused > now)
                     .then(|| Duration::from_secs_f64((paused - now) / 1000.0)),
                 leases_in_use: leases,
@@ -606,6 +848,22 @@ impl Budget {
     }
 }
 
+/// The starting limits and caps of a family, as the scripts take them (ARGV: start rpm, start
+/// tpm, cap rpm, cap tpm; 0 = no cap).
+fn limit_args(inv: &mut redis::ScriptInvocation<'_>, limits: ModelLimits, caps: LimitCaps) {
+    inv.arg(limits.requests_per_minute.max(1))
+        .arg(limits.tokens_per_minute.max(1))
+        .arg(caps.requests_per_minute.unwrap_or(0))
+        .arg(caps.tokens_per_minute.unwrap_or(0));
+}
+
+/// Learning and the adaptive rate, as the scripts take them (ARGV: learn, quiet ms, recovery ms).
+fn adaptive_args(inv: &mut redis::ScriptInvocation<'_>, config: &BudgetConfig) {
+    inv.arg(u8::from(config.learn_limits))
+        .arg(config.adaptive.quiet_secs * 1000.0)
+        .arg(config.adaptive.recovery_secs * 1000.0);
+}
+
 fn parse_acquire(v: Value) -> Result<Reply> {
     let bad = |detail: &str| Error::Reply {
         script: "acquire",
@@ -616,9 +874,18 @@ fn parse_acquire(v: Value) -> Result<Reply> {
         Some(1) => {
             let index = items.get(1).and_then(int).ok_or_else(|| bad("key index"))?;
             let now_ms = items.get(2).and_then(float).ok_or_else(|| bad("now"))?;
+            let probe = items.get(3).and_then(int) == Some(1);
+            let paced_tpm = items
+                .get(4)
+                .and_then(float)
+                .ok_or_else(|| bad("paced tpm"))?;
+            let request_weight_ms = items.get(5).and_then(float).unwrap_or(0.0);
             Ok(Reply::Admitted {
                 key_index: usize::try_from(index - 1).map_err(|_| bad("key index"))?,
                 now_ms,
+                probe,
+                paced_tpm,
+                request_weight_ms,
             })
         }
         Some(0) => {
@@ -629,7 +896,13 @@ fn parse_acquire(v: Value) -> Result<Reply> {
                 reason,
             })
         }
-        _ => Err(bad("expected 0 or 1 first")),
+        Some(2) => {
+            let limit = items.get(1).and_then(float).unwrap_or(0.0);
+            Ok(Reply::TooLarge {
+                tokens_per_minute: limit as u64,
+            })
+        }
+        _ => Err(bad("expected 0, 1 or 2 first")),
     }
 }
 
@@ -643,10 +916,11 @@ fn burst_ms(config: &BudgetConfig) -> f64 {
     config.burst_seconds * 1000.0
 }
 
-/// A little later rather than earlier: waking late costs nothing while the burst absorbs it,
-/// waking early costs a round trip; the spread keeps waiters with equal waits apart.
+/// A little later rather than earlier: waking early costs a round trip, waking late costs
+/// nothing while the (small) burst absorbs it; the spread keeps waiters with equal waits apart.
+/// At most a millisecond: lateness beyond the burst is budget lost for good.
 fn with_jitter(wait: Duration) -> Duration {
-    let max = (wait / 10).min(Duration::from_millis(5));
+    let max = (wait / 20).min(Duration::from_millis(1));
     let extra = rand::rng().random_range(0..=max.as_micros() as u64);
     wait + Duration::from_micros(extra)
 }
@@ -724,7 +998,7 @@ mod tests {
         for ms in [0, 1, 30, 100, 10_000] {
             let d = Duration::from_millis(ms);
             let j = with_jitter(d);
-            assert!(j >= d && j <= d + Duration::from_millis(5), "{ms}: {j:?}");
+            assert!(j >= d && j <= d + Duration::from_millis(1), "{ms}: {j:?}");
         }
     }
 }

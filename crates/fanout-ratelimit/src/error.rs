@@ -15,6 +15,13 @@ pub enum Error {
     /// queue and try again after `retry_after` (the wait the budget predicted).
     #[error("waiting for budget would take too long, retry after {retry_after:?}")]
     WaitTooLong { retry_after: Duration },
+    /// The request's estimated tokens exceed a whole minute of every key's token limit (the
+    /// provider's, or the configured cap): no wait makes it fit, and the provider would refuse it
+    /// as "request too large".
+    #[error(
+        "request too large: {tokens} estimated tokens (prompt + max_tokens) exceed the token budget of {tokens_per_minute} per minute; lower max_tokens or shorten the prompt"
+    )]
+    TooLarge { tokens: u64, tokens_per_minute: u64 },
     /// The budget was built without API keys.
     #[error("the budget has no api keys to take from")]
     NoKeys,
@@ -35,7 +42,10 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 impl Error {
     /// Whether trying the same thing later can succeed.
     pub fn is_retryable(&self) -> bool {
-        !matches!(self, Self::NoKeys | Self::UnknownKey(_))
+        !matches!(
+            self,
+            Self::NoKeys | Self::UnknownKey(_) | Self::TooLarge { .. }
+        )
     }
 
     /// When to try again, if the budget knows.

@@ -27,6 +27,12 @@ impl Keys {
         format!("{}:bucket:{key}:{family}", self.prefix)
     }
 
+    /// HASH of what was learnt about one (API key name, model family) budget: advertised limits,
+    /// adaptive ceilings, the probe (see `lua/limits.lua`).
+    pub(crate) fn limits(&self, key: &str, family: &str) -> String {
+        format!("{}:limits:{key}:{family}", self.prefix)
+    }
+
     /// HASH `rtat`, `ttat` of one tenant's share of a model family's budget.
     pub(crate) fn tenant(&self, tenant: &str, family: &str) -> String {
         format!("{}:tenant:{tenant}:{family}", self.prefix)
@@ -58,6 +64,7 @@ mod tests {
         for key in [
             k.leases(),
             k.bucket("default", "gpt-4o"),
+            k.limits("default", "gpt-4o"),
             k.room("gpt-4o"),
             k.room_expiry("gpt-4o"),
             k.room_cost("gpt-4o"),

@@ -7,8 +7,6 @@ mod keys;
 mod redis_conn;
 mod stats;
 
-pub use budget::{
-    AcquireRequest, Admission, Budget, BudgetSnapshot, ProviderSignal, SKEW_ALLOWANCE,
-};
+pub use budget::{AcquireRequest, Admission, Budget, BudgetSnapshot, Dimension, ProviderSignal};
 pub use error::{Error, Result};
 pub use stats::BudgetStats;

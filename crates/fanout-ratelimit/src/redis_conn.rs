@@ -22,12 +22,21 @@ pub(crate) struct Scripts {
 }
 
 pub(crate) static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| Scripts {
-    acquire: Script::new(include_str!("../lua/acquire.lua")),
+    acquire: Script::new(concat!(
+        include_str!("../lua/limits.lua"),
+        include_str!("../lua/acquire.lua")
+    )),
     settle: Script::new(include_str!("../lua/settle.lua")),
-    feedback: Script::new(include_str!("../lua/feedback.lua")),
+    feedback: Script::new(concat!(
+        include_str!("../lua/limits.lua"),
+        include_str!("../lua/feedback.lua")
+    )),
     renew: Script::new(include_str!("../lua/renew.lua")),
     leave: Script::new(include_str!("../lua/leave.lua")),
-    snapshot: Script::new(include_str!("../lua/snapshot.lua")),
+    snapshot: Script::new(concat!(
+        include_str!("../lua/limits.lua"),
+        include_str!("../lua/snapshot.lua")
+    )),
     tenant: Script::new(include_str!("../lua/tenant.lua")),
 });
 

@@ -18,6 +18,14 @@ pub struct BudgetStats {
     pub pauses_applied: AtomicU64,
     /// Feedback calls reporting a 429.
     pub feedback_429: AtomicU64,
+    /// Adaptive decreases this process applied (a 429 the schedule did not expect).
+    pub decreases: AtomicU64,
+    /// Feedback calls that stored newly advertised limits (or that the provider advertises none).
+    pub limits_learnt: AtomicU64,
+    /// Admissions that were the first call to a budget whose limits were not known yet.
+    pub probes: AtomicU64,
+    /// Feedback calls answered from this process's memory (nothing new for Redis).
+    pub feedback_skipped: AtomicU64,
 }
 
 impl BudgetStats {

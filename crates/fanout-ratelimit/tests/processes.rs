@@ -76,7 +76,10 @@ async fn worker_child() {
     let sim = env("RL_SIM_URL");
     let keys: Vec<String> = env("RL_KEYS").split(',').map(str::to_owned).collect();
     let key_refs: Vec<&str> = keys.iter().map(String::as_str).collect();
-    let mut cfg = config(rpm, tpm, 1.0, 1_000);
+    // The product's schedule: a burst of a few ms, paced a little inside the limit.
+    let defaults = fanout_core::config::BudgetConfig::default();
+    let mut cfg = config(rpm, tpm, defaults.burst_seconds, 1_000);
+    cfg.headroom = defaults.headroom;
     cfg.refund_unused_tokens = refund;
     let b = budget(&env("RL_REDIS_URL"), cfg, &key_refs);
     let http = reqwest::Client::new();
@@ -273,13 +276,14 @@ async fn shared_run(
 }
 
 /// Share of the budget used over the backlog window [first admission, last admission]: the
-/// budget there is one burst (one second of the limit) plus the refill; `cost` is what one
-/// admission takes of the limit. The last admission is counted as taking only its start.
+/// schedule's burst is a few ms, so the budget there is the limit's rate over the window; `cost`
+/// is what one admission takes of the limit. The last admission is counted as taking only its
+/// start.
 fn used_share(run: &SharedRun, per_minute: u64, cost: f64) -> (f64, f64) {
     let first = run.window[0];
     let last = *run.window.last().unwrap();
     let window_s = (last - first) as f64 / 1000.0;
-    let budget = per_minute as f64 / 60.0 * (1.0 + window_s);
+    let budget = per_minute as f64 / 60.0 * window_s;
     let used = (run.in_window as f64 - 1.0) * cost / budget;
     (used, window_s)
 }

@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use anyhow::Context as _;
 use serde::Deserialize;
 
+use crate::limits::Policy;
 use crate::{Error, Result};
 
 /// Everything the simulated provider does, loaded from TOML or built in code.
@@ -26,8 +27,24 @@ pub struct SimConfig {
     pub rpm: u64,
     /// Tokens per minute allowed for each API key; `0` means unlimited.
     pub tpm: u64,
-    /// Limits for particular API keys, keyed by the bearer token itself; they override `rpm`/`tpm`.
+    /// Limits for particular API keys, keyed by the bearer token itself; they override `rpm`/`tpm`
+    /// and `model_limits`.
     pub keys: BTreeMap<String, KeyLimits>,
+    /// Limits of particular models, keyed by model id; they override `rpm`/`tpm`. Each key is
+    /// limited for such a model apart from its other models; models without limits of their
+    /// own share the key's limits.
+    pub model_limits: BTreeMap<String, KeyLimits>,
+    /// How each per-minute limit is enforced: a token bucket, a sliding or a fixed window.
+    pub limit_shape: LimitShape,
+    /// The window of `limit_shape`, in seconds: a limit of `L` per minute allows
+    /// `L × window_secs / 60` per window (at least 1). Finite and above 0.
+    pub window_secs: f64,
+    /// Whether chat responses carry `x-ratelimit-*` headers; `false` simulates a provider that
+    /// does not advertise its limits (a 429 still carries `retry-after`).
+    pub rate_headers: bool,
+    /// Share of each limited dimension of every key that another application on the same key
+    /// uses, in `[0, 1)`; clients see it only in `remaining` and in 429s.
+    pub neighbour_share: f64,
     /// Share of admitted requests answered with a 500, in `[0, 1]`.
     pub fail_rate: f64,
     /// Share of admitted requests that never get an answer, in `[0, 1]`.
@@ -73,15 +90,52 @@ pub struct LatencySpec {
     pub spread: f64,
 }
 
-/// Per-key limit overrides; an absent field falls back to the global `rpm`/`tpm`.
+/// Limit overrides of a key or a model; an absent field falls back to the next rule (a key's
+/// to the model's, a model's to the global `rpm`/`tpm`).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct KeyLimits {
-    /// Requests per minute for this key; `0` means unlimited.
+    /// Requests per minute; `0` means unlimited.
     pub rpm: Option<u64>,
-    /// Tokens per minute for this key; `0` means unlimited.
+    /// Tokens per minute; `0` means unlimited.
     pub tpm: Option<u64>,
 }
+
+/// How the simulated provider enforces a per-minute limit `L` over a window `W`
+/// (`window_secs`), each limited dimension with a capacity `C = L × W / 60` per window.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum LimitShape {
+    /// A bucket holding `C` that refills `L / 60` per second (OpenAI's quantized limits,
+    /// Anthropic).
+    #[default]
+    TokenBucket,
+    /// A log: what was admitted in the last `W` plus the new cost must fit in `C`.
+    SlidingWindow,
+    /// Windows of `W` from the start, each allowing `C` (Azure's minute, OpenRouter's 10 s).
+    FixedWindow,
+}
+
+impl LimitShape {
+    /// Its name in TOML and on the command line (`token-bucket`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::TokenBucket => "token-bucket",
+            Self::SlidingWindow => "sliding-window",
+            Self::FixedWindow => "fixed-window",
+        }
+    }
+}
+
+impl std::fmt::Display for LimitShape {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The shortest and longest `window_secs`: windows are kept in whole nanoseconds, and headers
+/// in milliseconds.
+const WINDOW_SECS: std::ops::RangeInclusive<f64> = 0.001..=86_400.0;
 
 fn default_spread() -> f64 {
     0.3
@@ -129,6 +183,11 @@ impl Default for SimConfig {
             rpm: 0,
             tpm: 0,
             keys: BTreeMap::new(),
+            model_limits: BTreeMap::new(),
+            limit_shape: LimitShape::TokenBucket,
+            window_secs: 1.0,
+            rate_headers: true,
+            neighbour_share: 0.0,
             fail_rate: 0.0,
             hang_rate: 0.0,
             truncate_rate: 0.0,
@@ -191,6 +250,23 @@ impl SimConfig {
                 format!("must be a finite number >= 0, got {}", self.time_scale),
             ));
         }
+        if !self.window_secs.is_finite() || !WINDOW_SECS.contains(&self.window_secs) {
+            return Err(invalid(
+                "window_secs",
+                format!(
+                    "must be a finite number of seconds above 0 (from {} to {}), got {}",
+                    WINDOW_SECS.start(),
+                    WINDOW_SECS.end(),
+                    self.window_secs
+                ),
+            ));
+        }
+        if !(0.0..1.0).contains(&self.neighbour_share) {
+            return Err(invalid(
+                "neighbour_share",
+                format!("must be in [0, 1), got {}", self.neighbour_share),
+            ));
+        }
         if self.default_max_tokens == 0 {
             return Err(invalid(
                 "default_max_tokens",
@@ -225,13 +301,36 @@ impl SimConfig {
             .map_or(self.default_model, ModelSpec::latency)
     }
 
-    /// The (rpm, tpm) limits of an API key.
+    /// The (rpm, tpm) limits of an API key, for the models without limits of their own.
     pub(crate) fn limits_for(&self, key: &str) -> (u64, u64) {
         let overrides = self.keys.get(key).copied().unwrap_or_default();
         (
             overrides.rpm.unwrap_or(self.rpm),
             overrides.tpm.unwrap_or(self.tpm),
         )
+    }
+
+    /// The (rpm, tpm) limits of an API key for `model`, if the model has limits of its own (and
+    /// so is limited apart from the key's other models): the key's override, else the model's
+    /// limit, else the global one.
+    pub(crate) fn model_limits_for(&self, key: &str, model: &str) -> Option<(u64, u64)> {
+        let model_limits = self.model_limits.get(model)?;
+        let overrides = self.keys.get(key).copied().unwrap_or_default();
+        Some((
+            overrides.rpm.or(model_limits.rpm).unwrap_or(self.rpm),
+            overrides.tpm.or(model_limits.tpm).unwrap_or(self.tpm),
+        ))
+    }
+
+    /// How the limiters enforce the limits.
+    pub(crate) fn limit_policy(&self) -> Policy {
+        Policy {
+            shape: self.limit_shape,
+            window: std::time::Duration::try_from_secs_f64(self.window_secs)
+                .unwrap_or(std::time::Duration::from_secs(1)),
+            headers: self.rate_headers,
+            neighbour_share: self.neighbour_share,
+        }
     }
 }
 
@@ -265,6 +364,18 @@ pub struct SimArgs {
     /// Tokens per minute allowed per API key, charged as prompt + max_tokens (0 = unlimited).
     #[arg(long)]
     pub tpm: Option<u64>,
+    /// How limits are enforced.
+    #[arg(long, value_enum, value_name = "SHAPE")]
+    pub limit_shape: Option<LimitShape>,
+    /// Window of the limit shape in seconds (default 1): a limit allows limit × window / 60 per window.
+    #[arg(long, value_name = "SECONDS")]
+    pub window_secs: Option<f64>,
+    /// Send no x-ratelimit-* headers, like a provider that does not advertise its limits.
+    #[arg(long)]
+    pub no_rate_headers: bool,
+    /// Share of each limit used by another application on the same key, in [0, 1).
+    #[arg(long, value_name = "SHARE")]
+    pub neighbour_share: Option<f64>,
     /// Multiplier of every simulated latency (0.001 turns 30 s into 30 ms); limits stay in real time.
     #[arg(long)]
     pub time_scale: Option<f64>,
@@ -309,6 +420,12 @@ impl SimArgs {
         set(&mut config.hang_rate, self.hang_rate);
         set(&mut config.truncate_rate, self.truncate_rate);
         set(&mut config.quota_rate, self.quota_rate);
+        set(&mut config.window_secs, self.window_secs);
+        set(&mut config.neighbour_share, self.neighbour_share);
+        config.limit_shape = self.limit_shape.unwrap_or(config.limit_shape);
+        if self.no_rate_headers {
+            config.rate_headers = false;
+        }
         config.rpm = self.rpm.unwrap_or(config.rpm);
         config.tpm = self.tpm.unwrap_or(config.tpm);
         config.seed = self.seed.unwrap_or(config.seed);
@@ -390,5 +507,137 @@ mod tests {
         assert_eq!(config.fail_rate, 0.1);
         assert!(config.models.iter().all(|m| m.ttft_ms == 50.0));
         assert_eq!(config.default_model.ttft_ms, 50.0);
+        assert_eq!(config.limit_policy(), Policy::default());
+    }
+
+    #[test]
+    fn the_readme_example_is_valid() {
+        let readme = include_str!("../README.md");
+        let start = readme.find("```toml\n").unwrap() + "```toml\n".len();
+        let end = start + readme[start..].find("```").unwrap();
+        let config = SimConfig::from_toml_str(&readme[start..end]).unwrap();
+        assert_eq!(config.limit_shape, LimitShape::SlidingWindow);
+        assert_eq!(
+            config.model_limits_for("sk-sim-tier1", "gpt-4o"),
+            Some((3_500, 30_000))
+        );
+    }
+
+    #[test]
+    fn limit_shapes_and_their_switches() {
+        let config = SimConfig::from_toml_str(
+            r#"
+            limit_shape = "sliding-window"
+            window_secs = 10
+            rate_headers = false
+            neighbour_share = 0.25
+            "#,
+        )
+        .unwrap();
+        assert_eq!(
+            config.limit_policy(),
+            Policy {
+                shape: LimitShape::SlidingWindow,
+                window: std::time::Duration::from_secs(10),
+                headers: false,
+                neighbour_share: 0.25,
+            }
+        );
+        let fixed = SimConfig::from_toml_str("limit_shape = \"fixed-window\"").unwrap();
+        assert_eq!(fixed.limit_shape, LimitShape::FixedWindow);
+        assert_eq!(LimitShape::FixedWindow.to_string(), "fixed-window");
+        assert!(SimConfig::from_toml_str("limit_shape = \"leaky-bucket\"").is_err());
+
+        let refusal = |text: &str| match SimConfig::from_toml_str(text) {
+            Err(Error::InvalidConfig { field, reason }) => (field, reason),
+            other => panic!("expected an invalid config, got {other:?}"),
+        };
+        for bad in ["0", "-1", "0.0001", "1e9"] {
+            let (field, reason) = refusal(&format!("window_secs = {bad}"));
+            assert_eq!(field, "window_secs");
+            assert!(reason.contains("above 0"), "{reason}");
+        }
+        for bad in ["nan", "inf"] {
+            assert_eq!(refusal(&format!("window_secs = {bad}")).0, "window_secs");
+        }
+        for bad in ["1.0", "-0.1", "nan"] {
+            let (field, reason) = refusal(&format!("neighbour_share = {bad}"));
+            assert_eq!(field, "neighbour_share");
+            assert!(reason.contains("[0, 1)"), "{reason}");
+        }
+        let message = SimConfig::from_toml_str("window_secs = 0")
+            .unwrap_err()
+            .to_string();
+        assert!(message.contains("window_secs"), "{message}");
+    }
+
+    #[test]
+    fn model_limits_fall_between_key_and_global_limits() {
+        let config = SimConfig::from_toml_str(
+            r#"
+            rpm = 60
+            tpm = 10000
+            [model_limits."gpt-4o"]
+            rpm = 6
+            [model_limits.o1]
+            tpm = 500
+            [keys.sk-a]
+            rpm = 600
+            "#,
+        )
+        .unwrap();
+        assert_eq!(config.model_limits_for("sk-b", "gpt-4o"), Some((6, 10_000)));
+        assert_eq!(config.model_limits_for("sk-b", "o1"), Some((60, 500)));
+        // A key's override wins over the model's limit.
+        assert_eq!(
+            config.model_limits_for("sk-a", "gpt-4o"),
+            Some((600, 10_000))
+        );
+        assert_eq!(config.model_limits_for("sk-a", "o1"), Some((600, 500)));
+        // Other models share the key's limits.
+        assert_eq!(config.model_limits_for("sk-a", "gpt-4o-mini"), None);
+        assert_eq!(config.limits_for("sk-a"), (600, 10_000));
+        assert!(SimConfig::from_toml_str("[model_limits.m]\nrpn = 1").is_err());
+    }
+
+    #[test]
+    fn limit_flags_override_the_file() {
+        let mut file = tempfile::NamedTempFile::new().unwrap();
+        std::io::Write::write_all(
+            &mut file,
+            b"limit_shape = \"sliding-window\"\nwindow_secs = 10\nneighbour_share = 0.5\n",
+        )
+        .unwrap();
+        let path = file.path().to_str().unwrap();
+        let config = Cli::parse_from([
+            "sim",
+            "--config",
+            path,
+            "--limit-shape",
+            "fixed-window",
+            "--window-secs",
+            "60",
+            "--no-rate-headers",
+        ])
+        .sim
+        .into_config()
+        .unwrap();
+        assert_eq!(config.limit_shape, LimitShape::FixedWindow);
+        assert_eq!(config.window_secs, 60.0);
+        assert!(!config.rate_headers);
+        assert_eq!(config.neighbour_share, 0.5);
+
+        let config = Cli::parse_from(["sim", "--config", path, "--neighbour-share", "0.1"])
+            .sim
+            .into_config()
+            .unwrap();
+        assert_eq!(config.limit_shape, LimitShape::SlidingWindow);
+        assert_eq!(config.neighbour_share, 0.1);
+        assert!(config.rate_headers);
+        let bad = Cli::parse_from(["sim", "--neighbour-share", "1"])
+            .sim
+            .into_config();
+        assert!(format!("{:#}", bad.unwrap_err()).contains("neighbour_share"));
+        assert!(Cli::try_parse_from(["sim", "--limit-shape", "leaky"]).is_err());
     }
 }

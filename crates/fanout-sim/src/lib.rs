@@ -12,9 +12,9 @@ mod stats;
 
 use std::path::PathBuf;
 
-pub use config::{KeyLimits, LatencySpec, ModelSpec, SimArgs, SimConfig};
+pub use config::{KeyLimits, LatencySpec, LimitShape, ModelSpec, SimArgs, SimConfig};
 pub use server::{SimHandle, router, run, spawn};
-pub use sim::Sim;
+pub use sim::{RateEvent, Sim};
 pub use stats::{Counters, KeyStats, SimStats};
 
 /// Errors of the simulator's library API (all about its config).

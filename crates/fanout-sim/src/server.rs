@@ -103,6 +103,11 @@ impl SimHandle {
         self.sim.stats()
     }
 
+    /// Every rate decision so far, oldest first (see [`Sim::timeline`]).
+    pub fn timeline(&self) -> Vec<crate::RateEvent> {
+        self.sim.timeline()
+    }
+
     /// Clears counters, buckets and `fail_first` counts, the same as `POST /sim/reset`.
     pub fn reset(&self) {
         self.sim.reset();

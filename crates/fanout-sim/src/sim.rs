@@ -7,7 +7,8 @@
 //! 3. `[sim:error=N]` → N; `[sim:context_length]` or prompt + `max_tokens` above
 //!    `context_window` → 400 `context_length_exceeded`;
 //! 4. `[sim:quota]` or a `quota_rate` draw → 429 `insufficient_quota`;
-//! 5. the key's rate limits → 429 `rate_limit_exceeded`;
+//! 5. the key's rate limits (its limits for the model, if the model has its own) → 429
+//!    `rate_limit_exceeded`;
 //! 6. admitted: the request and prompt + `max_tokens` tokens are charged, then `[sim:fail]`,
 //!    `[sim:fail_first=N]` or a `fail_rate` draw → 500 after the time to first token;
 //!    `[sim:hang]` or `hang_rate` → no answer; `[sim:truncate]` or `truncate_rate` → a cut body;
@@ -32,7 +33,7 @@ use crate::config::SimConfig;
 use crate::content::{self, Answer};
 use crate::faults::{FailFirst, Markers, RandomFault};
 use crate::latency::Timing;
-use crate::limits::{Cost, Dimension, KeyLimiter, RateHeaders, Refusal};
+use crate::limits::{Cost, Dimension, KeyLimiter, Policy, RateHeaders, Refusal};
 use crate::stats::{self, KeyStats, Outcome, SimStats, Tally};
 
 /// One simulated provider: its config and all its mutable state (limits, counters, random
@@ -45,6 +46,7 @@ pub struct Sim {
 #[derive(Debug)]
 struct Shared {
     config: SimConfig,
+    policy: Policy,
     shutdown: CancellationToken,
     next_id: AtomicU64,
     state: Mutex<State>,
@@ -57,13 +59,32 @@ struct State {
     totals: Tally,
     unauthenticated: u64,
     fail_first: FailFirst,
+    timeline: Vec<RateEvent>,
 }
+
+/// One rate decision, for benchmarks that measure how a client used the limits over time
+/// ([`Sim::timeline`]).
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
+pub struct RateEvent {
+    /// When, in ms since the Unix epoch.
+    pub at_ms: f64,
+    /// Admitted (`true`) or refused with a 429 `rate_limit_exceeded` (`false`).
+    pub admitted: bool,
+    /// Tokens it was charged (prompt + `max_tokens`), or would have been.
+    pub tokens: u64,
+}
+
+/// Rate decisions kept for [`Sim::timeline`], at most (the oldest are kept).
+const TIMELINE_MAX: usize = 1_000_000;
 
 #[derive(Debug)]
 struct KeyState {
     rpm: u64,
     tpm: u64,
+    /// The limits of the models without limits of their own.
     limiter: KeyLimiter,
+    /// The limits of each model with limits of its own (`model_limits`) this key has used.
+    models: HashMap<String, KeyLimiter>,
     tally: Tally,
 }
 
@@ -112,6 +133,7 @@ impl Sim {
         let state = State::new(config.seed);
         Ok(Self {
             shared: Arc::new(Shared {
+                policy: config.limit_policy(),
                 config,
                 shutdown,
                 next_id: AtomicU64::new(1),
@@ -127,20 +149,34 @@ impl Sim {
 
     /// A snapshot of the counters, per key (by fingerprint) and in total.
     pub fn stats(&self) -> SimStats {
-        let state = self.lock();
+        let mut state = self.lock();
+        let now = Instant::now();
+        let mut totals = state.totals.counters.clone();
         let mut keys: Vec<KeyStats> = state
             .keys
-            .iter()
-            .map(|(key, key_state)| KeyStats {
-                key: stats::fingerprint(key),
-                rpm_limit: key_state.rpm,
-                tpm_limit: key_state.tpm,
-                counters: key_state.tally.counters.clone(),
+            .iter_mut()
+            .map(|(key, key_state)| {
+                let mut counters = key_state.tally.counters.clone();
+                // The neighbour is charged lazily: bring it up to now.
+                for limiter in key_state.limiters() {
+                    let _ = limiter.snapshot(now);
+                    let drawn = limiter.neighbour();
+                    counters.neighbour_requests += drawn.requests;
+                    counters.neighbour_tokens += drawn.tokens;
+                }
+                totals.neighbour_requests += counters.neighbour_requests;
+                totals.neighbour_tokens += counters.neighbour_tokens;
+                KeyStats {
+                    key: stats::fingerprint(key),
+                    rpm_limit: key_state.rpm,
+                    tpm_limit: key_state.tpm,
+                    counters,
+                }
             })
             .collect();
         keys.sort_by(|a, b| a.key.cmp(&b.key));
         SimStats {
-            totals: state.totals.counters.clone(),
+            totals,
             keys,
             unauthenticated: state.unauthenticated,
         }
@@ -148,6 +184,11 @@ impl Sim {
 
     /// Back to the initial state: counters, rate-limit buckets, `fail_first` counts and the
     /// random generator (reseeded), as if the simulator had just started.
+    /// Every rate decision so far (admitted or refused with a 429 for the rate), oldest first.
+    pub fn timeline(&self) -> Vec<RateEvent> {
+        self.lock().timeline.clone()
+    }
+
     pub fn reset(&self) {
         *self.lock() = State::new(self.shared.config.seed);
     }
@@ -174,7 +215,7 @@ impl Sim {
 
     /// Decides what a chat completion request with this API key and body gets, and books it.
     pub(crate) fn decide(&self, key: &str, body: &[u8], id: u64) -> Decision {
-        let config = &self.shared.config;
+        let (config, policy) = (&self.shared.config, &self.shared.policy);
         let prepared = prepare(body, config.default_max_tokens);
 
         let mut guard = self.lock();
@@ -185,11 +226,21 @@ impl Sim {
             KeyState {
                 rpm,
                 tpm,
-                limiter: KeyLimiter::new(rpm, tpm, now),
+                limiter: KeyLimiter::with_policy(rpm, tpm, policy, now),
+                models: HashMap::new(),
                 tally: Tally::default(),
             }
         });
-        let limiter = &mut key_state.limiter;
+        // A request that cannot be read has no model: it gets the key's headers.
+        let model = prepared.as_ref().ok().map(|p| p.request.model.as_str());
+        let model_limits = model.and_then(|m| Some((m, config.model_limits_for(key, m)?)));
+        let limiter = match model_limits {
+            Some((model, (rpm, tpm))) => key_state
+                .models
+                .entry(model.to_owned())
+                .or_insert_with(|| KeyLimiter::with_policy(rpm, tpm, policy, now)),
+            None => &mut key_state.limiter,
+        };
         let mut books = Books {
             key: &mut key_state.tally,
             totals: &mut state.totals,
@@ -209,6 +260,16 @@ impl Sim {
         };
 
         let (admission, rate) = limiter.admit(prepared.cost(), now);
+        if state.timeline.len() < TIMELINE_MAX {
+            let at_ms = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0.0, |d| d.as_secs_f64() * 1000.0);
+            state.timeline.push(RateEvent {
+                at_ms,
+                admitted: admission.is_ok(),
+                tokens: prepared.cost().tokens,
+            });
+        }
         if let Err(refusal) = admission {
             books.finish(Outcome::RateLimited);
             return Decision {
@@ -269,6 +330,12 @@ impl Sim {
     }
 }
 
+impl KeyState {
+    fn limiters(&mut self) -> impl Iterator<Item = &mut KeyLimiter> {
+        std::iter::once(&mut self.limiter).chain(self.models.values_mut())
+    }
+}
+
 impl State {
     fn new(seed: u64) -> Self {
         Self {
@@ -277,6 +344,7 @@ impl State {
             totals: Tally::default(),
             unauthenticated: 0,
             fail_first: FailFirst::default(),
+            timeline: Vec::new(),
         }
     }
 }

@@ -61,6 +61,13 @@ pub struct Counters {
     pub prompt_tokens: u64,
     /// Completion tokens reported in the `usage` of 200 responses.
     pub completion_tokens: u64,
+    /// Requests the simulated neighbour on the same key drew (`neighbour_share`), up to the
+    /// snapshot; they are in no other counter.
+    #[serde(default)]
+    pub neighbour_requests: u64,
+    /// Tokens the simulated neighbour on the same key drew; they are in no other counter.
+    #[serde(default)]
+    pub neighbour_tokens: u64,
 }
 
 /// How one request ended, as far as the counters care.

@@ -9,7 +9,7 @@ use fanout_core::job::SectionJob;
 use fanout_llm::{CallError, ChatRequest, ChatResponse, LlmClient, ResponseCache, RetryPolicy};
 use fanout_metrics::METRICS;
 use fanout_queue::{Delivery, Handler, NewJob, Outcome, Queue};
-use fanout_ratelimit::{AcquireRequest, Budget, ProviderSignal};
+use fanout_ratelimit::{AcquireRequest, Admission, Budget, Dimension, ProviderSignal};
 use tokio_util::sync::CancellationToken;
 
 /// Everything a worker process talks to, built once from the config.
@@ -271,6 +271,15 @@ impl SectionHandler {
                     tracing::debug!(report = %job.report_id, job = %job.job_id, "budget wait too long, handing the job back");
                     return Ok((Outcome::Release { delay: retry_after }, Some(section)));
                 }
+                Err(e @ fanout_ratelimit::Error::TooLarge { .. }) => {
+                    // No budget can take it, and the provider would refuse it: fail it now,
+                    // without a call, and let the rest of the report go on.
+                    let reason = e.to_string();
+                    tracing::warn!(report = %job.report_id, section = %job.job_id, model = %req.model, error = %reason, "section failed");
+                    self.fail(job, &section, lane, "too_large", &reason, attempt - 1)
+                        .await?;
+                    return Ok((Outcome::Done, Some(section)));
+                }
                 Err(e) => return Err(e.into()),
             };
             let key = admission.key.clone();
@@ -294,7 +303,18 @@ impl SectionHandler {
             let elapsed = called.elapsed();
             match result {
                 Ok(resp) => {
-                    let used = resp.prompt_tokens + resp.completion_tokens;
+                    // What the provider's limiter took: the prompt as it counted it, and all of
+                    // max_tokens unless unused tokens are refunded (then what was generated).
+                    // Settling to it corrects a prompt our estimate counted short.
+                    let completion = if self.deps.config.budget.refund_unused_tokens {
+                        resp.completion_tokens
+                    } else {
+                        resp.completion_tokens.max(u64::from(req.max_tokens))
+                    };
+                    let used = resp.prompt_tokens + completion;
+                    // Before settling: a probe's answer must be learnt before its lease goes.
+                    self.feedback(&admission, &req.model, &resp.headers, 200, None)
+                        .await;
                     self.deps.budget.settle(admission, Some(used)).await?;
                     record_call(&req.model, "ok", "200", elapsed);
                     tracing::info!(
@@ -303,7 +323,6 @@ impl SectionHandler {
                         prompt_tokens = resp.prompt_tokens, completion_tokens = resp.completion_tokens,
                         status = 200, "llm call succeeded"
                     );
-                    self.feedback(&key, &req.model, &resp.headers, 200).await;
                     if cache {
                         self.deps.cache.put(&req, &resp).await;
                     }
@@ -312,7 +331,25 @@ impl SectionHandler {
                     return Ok((Outcome::Done, Some(section)));
                 }
                 Err(err) => {
-                    self.deps.budget.settle(admission, None).await?;
+                    // Only a rate limit says "slow down". `insufficient_quota` and "request too
+                    // large" come as 429s too, but no wait fixes them: pausing (and emptying) the
+                    // shared budget for them would stall every other job for nothing. Their rate
+                    // headers still count.
+                    let signal_status = match err.status {
+                        Some(429) if err.kind != fanout_llm::ErrorKind::RateLimited => 200,
+                        status => status.unwrap_or(0),
+                    };
+                    let limited = (signal_status == 429)
+                        .then(|| limited_dimension(&err))
+                        .flatten();
+                    self.feedback(&admission, &req.model, &err.headers, signal_status, limited)
+                        .await;
+                    if err.status == Some(429) {
+                        // Refused, not served: the provider counted none of it.
+                        self.deps.budget.settle_refused(admission).await?;
+                    } else {
+                        self.deps.budget.settle(admission, None).await?;
+                    }
                     let status = err
                         .status
                         .map(|s| s.to_string())
@@ -324,16 +361,6 @@ impl SectionHandler {
                             .with_label_values(&[key.as_str(), req.model.as_str()])
                             .inc();
                     }
-                    // Only a rate limit says "slow down". `insufficient_quota` and "request too
-                    // large" come as 429s too, but no wait fixes them: pausing (and emptying) the
-                    // shared budget for them would stall every other job for nothing. Their rate
-                    // headers still count.
-                    let signal_status = match err.status {
-                        Some(429) if err.kind != fanout_llm::ErrorKind::RateLimited => 0,
-                        status => status.unwrap_or(0),
-                    };
-                    self.feedback(&key, &req.model, &err.headers, signal_status)
-                        .await;
                     // A 429 rate limit is not this section's failure: our budget ran ahead of the
                     // provider's (the feedback above paused it for every process). It costs no
                     // attempt; its wait counts as budget wait, and past `max_wait_secs` the job
@@ -502,25 +529,57 @@ impl SectionHandler {
         Ok(())
     }
 
-    /// Hand the provider's view to the shared budget when it matters: a 429, or headers saying
-    /// the provider has less left than we think.
-    async fn feedback(&self, key: &str, model: &str, h: &fanout_llm::RateHeaders, status: u16) {
-        let low = h.remaining_requests == Some(0) || h.remaining_tokens == Some(0);
-        if status != 429 && !low {
-            return;
-        }
+    /// Hand the provider's view of every answer to the shared budget, which learns the
+    /// advertised limits, pauses and lowers its rate on a 429, and skips the round trip when
+    /// nothing is new. `status` is 0 when the call got no answer.
+    async fn feedback(
+        &self,
+        admission: &Admission,
+        model: &str,
+        h: &fanout_llm::RateHeaders,
+        status: u16,
+        limited: Option<Dimension>,
+    ) {
+        let key = admission.key.as_str();
         let signal = ProviderSignal {
-            retry_after: h.retry_after,
+            retry_after: if status == 429 { h.retry_after } else { None },
+            limit_requests: h.limit_requests.map(u64::from),
+            limit_tokens: h.limit_tokens.map(u64::from),
             remaining_requests: h.remaining_requests.map(u64::from),
             remaining_tokens: h.remaining_tokens.map(u64::from),
             reset_requests: h.reset_requests,
             reset_tokens: h.reset_tokens,
-            status,
+            limited,
+            ..ProviderSignal::for_admission(admission, status)
         };
         match self.deps.budget.feedback(key, model, signal).await {
-            Ok(()) => METRICS.budget_pauses.with_label_values(&[key, model]).inc(),
+            Ok(()) if status == 429 => METRICS.budget_pauses.with_label_values(&[key, model]).inc(),
+            Ok(()) => {}
             Err(e) => tracing::warn!(key, model, error = %e, "could not record provider feedback"),
         }
+    }
+}
+
+/// Which limit a 429 names: the exhausted `remaining` header, else the provider's message
+/// (OpenAI: "… on requests per min (RPM)", "… on tokens per min (TPM)"). `None`: unknown.
+fn limited_dimension(err: &fanout_llm::CallError) -> Option<Dimension> {
+    let h = &err.headers;
+    match (
+        h.remaining_requests == Some(0),
+        h.remaining_tokens == Some(0),
+    ) {
+        (true, false) => return Some(Dimension::Requests),
+        (false, true) => return Some(Dimension::Tokens),
+        _ => {}
+    }
+    let message = err.message.to_ascii_lowercase();
+    match (
+        message.contains("requests per min") || message.contains("(rpm)"),
+        message.contains("tokens per min") || message.contains("(tpm)"),
+    ) {
+        (true, false) => Some(Dimension::Requests),
+        (false, true) => Some(Dimension::Tokens),
+        _ => None,
     }
 }
 
@@ -594,6 +653,14 @@ pub(crate) async fn export_gauges(deps: WorkerDeps, shutdown: CancellationToken)
                     .budget_limit_tokens
                     .with_label_values(&labels)
                     .set(b.tokens_per_minute as i64);
+                METRICS
+                    .budget_configured_requests
+                    .with_label_values(&labels)
+                    .set(i64::try_from(b.configured_requests_per_minute).unwrap_or(i64::MAX));
+                METRICS
+                    .budget_configured_tokens
+                    .with_label_values(&labels)
+                    .set(i64::try_from(b.configured_tokens_per_minute).unwrap_or(i64::MAX));
                 METRICS
                     .budget_requests_available
                     .with_label_values(&labels)

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use deadpool_redis::Pool;
-use fanout_core::config::{BudgetConfig, ModelLimits, Plan};
+use fanout_core::config::{BudgetConfig, LimitCaps, ModelLimits};
 use fanout_ratelimit::Budget;
 
 pub const MODEL: &str = "gpt-4o-mini";
@@ -14,20 +14,25 @@ pub fn pool(url: &str) -> Pool {
     fanout_test_support::redis_pool(url)
 }
 
+/// A budget told `rpm` and `tpm` explicitly, paced at exactly those (no headroom), that learns
+/// nothing (no provider here): the mechanism alone.
 pub fn config(rpm: u64, tpm: u64, burst_seconds: f64, max_concurrent: u32) -> BudgetConfig {
     BudgetConfig {
-        plan: Plan::Tier1,
         limits: ModelLimits {
             requests_per_minute: rpm,
             tokens_per_minute: tpm,
         },
+        caps: LimitCaps {
+            requests_per_minute: Some(rpm),
+            tokens_per_minute: Some(tpm),
+        },
         models: BTreeMap::new(),
-        tenant_shares: BTreeMap::new(),
         burst_seconds,
+        headroom: 0.0,
         max_concurrent_requests: max_concurrent,
-        lease_secs: 30,
-        max_wait_secs: 20,
         refund_unused_tokens: true,
+        learn_limits: false,
+        ..BudgetConfig::default()
     }
 }
 

@@ -53,10 +53,21 @@ pub(crate) async fn raw(
     prompt: &str,
     max_tokens: u32,
 ) -> reqwest::Response {
+    raw_model(sim, key, "gpt-4o-mini", prompt, max_tokens).await
+}
+
+/// [`raw`] for a given model.
+pub(crate) async fn raw_model(
+    sim: &SimHandle,
+    key: Option<&str>,
+    model: &str,
+    prompt: &str,
+    max_tokens: u32,
+) -> reqwest::Response {
     let mut request = reqwest::Client::new()
         .post(format!("{}/chat/completions", sim.base_url()))
         .json(&serde_json::json!({
-            "model": "gpt-4o-mini",
+            "model": model,
             "messages": [{"role": "user", "content": prompt}],
             "max_tokens": max_tokens,
         }));

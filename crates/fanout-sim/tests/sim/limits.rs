@@ -1,9 +1,9 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use fanout_sim::{KeyLimits, SimConfig, spawn};
+use fanout_sim::{KeyLimits, LimitShape, SimConfig, spawn};
 
-use crate::common::{KEY, api_error, chat, client, client_with, header, raw};
+use crate::common::{KEY, api_error, chat, client, client_with, header, raw, raw_model};
 
 const RATE_HEADERS: [&str; 6] = [
     "x-ratelimit-limit-requests",
@@ -147,4 +147,109 @@ async fn keys_have_their_own_buckets_and_overrides() {
         .collect();
     assert_eq!(limits, [("sk-…-big", 6_000, 5), ("sk-…0001", 60, 1)]);
     assert_eq!(stats.totals.max_admitted_1s, 6);
+}
+
+#[tokio::test]
+async fn models_with_limits_of_their_own_are_limited_apart() {
+    let sim = spawn(SimConfig {
+        rpm: 600,
+        model_limits: BTreeMap::from([(
+            "gpt-4o".to_owned(),
+            KeyLimits {
+                rpm: Some(60),
+                tpm: None,
+            },
+        )]),
+        ..SimConfig::instant()
+    })
+    .await
+    .unwrap();
+    let big = |key| raw_model(&sim, Some(key), "gpt-4o", "a", 10);
+    let ok = big(KEY).await;
+    assert_eq!(ok.status(), 200);
+    assert_eq!(header(&ok, "x-ratelimit-limit-requests"), "60");
+    // 60 RPM over a second: the key's second gpt-4o request waits...
+    let refused = big(KEY).await;
+    assert_eq!(refused.status(), 429);
+    assert_eq!(header(&refused, "x-ratelimit-limit-requests"), "60");
+    // ...while its other models still have the key's 600 RPM, and other keys their own gpt-4o.
+    let mini = raw(&sim, Some(KEY), "a", 10).await;
+    assert_eq!(mini.status(), 200);
+    assert_eq!(header(&mini, "x-ratelimit-limit-requests"), "600");
+    assert_eq!(header(&mini, "x-ratelimit-remaining-requests"), "540");
+    assert_eq!(big("sk-sim-test-key-0002").await.status(), 200);
+}
+
+#[tokio::test]
+async fn a_provider_may_not_advertise_its_limits() {
+    let sim = spawn(SimConfig {
+        rpm: 60,
+        tpm: 600_000,
+        rate_headers: false,
+        ..SimConfig::instant()
+    })
+    .await
+    .unwrap();
+    let ok = raw(&sim, Some(KEY), "a", 10).await;
+    assert_eq!(ok.status(), 200);
+    let refused = raw(&sim, Some(KEY), "a", 10).await;
+    assert_eq!(refused.status(), 429);
+    for response in [&ok, &refused] {
+        let advertised: Vec<_> = response
+            .headers()
+            .keys()
+            .filter(|name| name.as_str().starts_with("x-ratelimit-"))
+            .collect();
+        assert!(advertised.is_empty(), "{advertised:?}");
+    }
+    assert_eq!(header(&refused, "retry-after"), "1");
+    header(&refused, "retry-after-ms");
+}
+
+#[tokio::test]
+async fn a_window_shape_is_chosen_per_run() {
+    // 60 RPM in a sliding window of 10 s: 10 in any 10 seconds.
+    let sim = spawn(SimConfig {
+        rpm: 60,
+        limit_shape: LimitShape::SlidingWindow,
+        window_secs: 10.0,
+        ..SimConfig::instant()
+    })
+    .await
+    .unwrap();
+    for _ in 0..10 {
+        assert_eq!(raw(&sim, Some(KEY), "a", 10).await.status(), 200);
+    }
+    let refused = raw(&sim, Some(KEY), "a", 10).await;
+    assert_eq!(refused.status(), 429);
+    assert_eq!(header(&refused, "retry-after"), "10");
+    assert_eq!(header(&refused, "x-ratelimit-remaining-requests"), "0");
+    let reset = reset_ms(&header(&refused, "x-ratelimit-reset-requests"));
+    assert!(reset > 9_000.0 && reset <= 10_000.0, "{reset}");
+}
+
+#[tokio::test]
+async fn a_neighbour_is_counted_apart() {
+    // 60,000 RPM, half of it drawn by a neighbour on the same key.
+    let sim = spawn(SimConfig {
+        rpm: 60_000,
+        tpm: 6_000_000,
+        neighbour_share: 0.5,
+        ..SimConfig::instant()
+    })
+    .await
+    .unwrap();
+    let ok = raw(&sim, Some(KEY), "a", 10).await;
+    assert_eq!(ok.status(), 200);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let stats = sim.stats();
+    let totals = &stats.totals;
+    // 500 requests a second wanted: about 100 in 200 ms, none of them the key's own.
+    assert!(totals.neighbour_requests >= 90, "{totals:?}");
+    assert!(totals.neighbour_tokens >= 9_000, "{totals:?}");
+    assert_eq!((totals.requests, totals.admitted), (1, 1));
+    assert_eq!(totals.tokens_charged, 15);
+    let key = &stats.keys[0].counters;
+    assert_eq!(key.admitted, 1);
+    assert_eq!(key.neighbour_requests, totals.neighbour_requests);
 }
