@@ -147,6 +147,49 @@ local function earliest(tat, weight)
   return tat - math.max(burst - math.min(weight, burst), late)
 end
 
+-- Admitted on key k: charge its real state (not a simulated one), take a lease, leave the room.
+local function admit(k, tok_weight, probe)
+  local bucket = KEYS[4 + k]
+  local new_r = math.max(real_r[k], now) + req_weight[k]
+  local new_t = math.max(real_t[k], now) + tok_weight
+  redis.call('HSET', bucket, 'rtat', string.format('%.3f', new_r), 'ttat', string.format('%.3f', new_t))
+  local idle_after = math.max(new_r, new_t, paused[k]) - now
+  redis.call('PEXPIRE', bucket, math.ceil(idle_after + 60000))
+  redis.call('ZADD', leases, now + lease_ms, me)
+  if in_room then
+    redis.call('ZREM', room, me)
+    redis.call('ZREM', wexp, me)
+    redis.call('HDEL', wcost, me)
+  end
+  if probe then
+    -- This call learns the limits; the others wait for its answer (or its lease's expiry).
+    local lkey = KEYS[4 + n + k]
+    redis.call('HSET', lkey, 'probe', string.format('%.3f', now + lease_ms), 'prober', me)
+    if redis.call('PTTL', lkey) < lease_ms then
+      redis.call('PEXPIRE', lkey, lease_ms)
+    end
+  end
+  return {1, k, string.format('%.3f', now), probe and 1 or 0,
+    string.format('%.3f', tok_per_ms[k] * 60000), string.format('%.3f', req_weight[k])}
+end
+
+-- Limits not known on some key: the first caller to come, whatever its place, is the probe.
+-- While every key's probe is out, nobody else can be scheduled: look again soon.
+local known, soonest_answer = false, nil
+for i = 1, n do
+  if probing[i] and not probe_busy[i] and paused[i] <= now then
+    return admit(i, my_tokens / tok_per_ms[i], true)
+  end
+  if not probing[i] then
+    known = true
+  elseif probe_busy[i] then
+    soonest_answer = math.min(soonest_answer or probe_busy[i], probe_busy[i])
+  end
+end
+if not known and soonest_answer then
+  return wait_reply(math.min(soonest_answer - now, 50 + 5 * rank, 1000), 'learning')
+end
+
 -- The key on which `tokens` fits soonest (most headroom on ties), when, and its weights.
 local function pick(tokens)
   local best, best_t, best_room, best_tw = nil, nil, nil, nil
@@ -154,8 +197,8 @@ local function pick(tokens)
     local tok_weight = tokens / tok_per_ms[i]
     local at = math.max(now, paused[i], earliest(rtat[i], req_weight[i]), earliest(ttat[i], tok_weight))
     if probe_busy[i] then
-      -- Its limits are being learnt: look again soon (the answer may take a while).
-      at = math.max(at, now + math.min(probe_busy[i] - now, 250))
+      -- Its limits are being learnt: another key goes first.
+      at = math.max(at, probe_busy[i])
     end
     local room_left = burst - math.max(0, math.max(rtat[i], ttat[i]) - now)
     if best == nil or at < best_t or (at == best_t and room_left > best_room) then
@@ -170,17 +213,20 @@ local extra = 0
 if rank > 0 then
   local ahead = redis.call('ZRANGE', room, 0, math.min(rank, ahead_limit) - 1)
   local costs = redis.call('HMGET', wcost, unpack(ahead))
+  local wakes = redis.call('ZMSCORE', wexp, unpack(ahead))
   local played = 0
   for j = 1, #ahead do
     local cost = tonumber(costs[j]) or 1
     -- A waiter too large for any key will be turned away, not admitted: it holds up nobody.
     if cost <= largest then
       local k, at, tok_weight = pick(cost)
-      rtat[k] = math.max(rtat[k], at) + req_weight[k]
-      ttat[k] = math.max(ttat[k], at) + tok_weight
-      played = played + math.max(req_weight[k], tok_weight)
-      if probing[k] and not probe_busy[k] then
-        probe_busy[k] = now + lease_ms
+      -- A waiter asleep past the turn it would get cannot use it: the turn goes to whoever is
+      -- awake behind it, and it takes the next one when it comes back (it keeps its rank).
+      local wake = (tonumber(wakes[j]) or 0) - grace
+      if wake <= math.max(at, now) + late then
+        rtat[k] = math.max(rtat[k], at) + req_weight[k]
+        ttat[k] = math.max(ttat[k], at) + tok_weight
+        played = played + math.max(req_weight[k], tok_weight)
       end
     end
   end
@@ -195,34 +241,10 @@ if at > now then
   local reason = 'budget'
   if at == paused[k] then
     reason = 'paused'
-  elseif probe_busy[k] then
+  elseif probe_busy[k] and at == probe_busy[k] then
     reason = 'learning'
   end
   return wait_reply(at - now, reason)
 end
 
--- Admitted: charge the real state of key k (not the simulated one).
-local bucket = KEYS[4 + k]
-local new_r = math.max(real_r[k], now) + req_weight[k]
-local new_t = math.max(real_t[k], now) + tok_weight
-redis.call('HSET', bucket, 'rtat', string.format('%.3f', new_r), 'ttat', string.format('%.3f', new_t))
-local idle_after = math.max(new_r, new_t, paused[k]) - now
-redis.call('PEXPIRE', bucket, math.ceil(idle_after + 60000))
-redis.call('ZADD', leases, now + lease_ms, me)
-if in_room then
-  redis.call('ZREM', room, me)
-  redis.call('ZREM', wexp, me)
-  redis.call('HDEL', wcost, me)
-end
-local probe = 0
-if probing[k] then
-  -- This call learns the limits; the others wait for its answer (or its lease's expiry).
-  local lkey = KEYS[4 + n + k]
-  redis.call('HSET', lkey, 'probe', string.format('%.3f', now + lease_ms), 'prober', me)
-  if redis.call('PTTL', lkey) < lease_ms then
-    redis.call('PEXPIRE', lkey, lease_ms)
-  end
-  probe = 1
-end
-return {1, k, string.format('%.3f', now), probe, string.format('%.3f', tok_per_ms[k] * 60000),
-  string.format('%.3f', req_weight[k])}
+return admit(k, tok_weight, false)

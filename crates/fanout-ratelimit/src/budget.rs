@@ -448,6 +448,12 @@ impl Budget {
                     });
                 }
                 Reply::Wait { wait, reason } => {
+                    tracing::trace!(
+                        family,
+                        reason,
+                        wait_ms = wait.as_millis() as u64,
+                        "budget wait"
+                    );
                     if !waited_once {
                         waited_once = true;
                         BudgetStats::add(&inner.stats.waits, 1);

@@ -8,7 +8,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{MODEL, budget, config, unix_ms};
-use fanout_ratelimit::{AcquireRequest, Error};
+use fanout_ratelimit::{AcquireRequest, Error, ProviderSignal};
 use fanout_test_support::RedisServer;
 use serde::{Deserialize, Serialize};
 
@@ -79,6 +79,21 @@ async fn worker_child() {
     // The product's schedule: a burst of a few ms, paced a little inside the limit.
     let defaults = fanout_core::config::BudgetConfig::default();
     let mut cfg = config(rpm, tpm, defaults.burst_seconds, 1_000);
+    // What the budget is told: the limits (the mechanism alone), three times too much (a cap
+    // above the real limit), or nothing (the plan's numbers as a start); the last two learn.
+    match env("RL_TOLD").as_str() {
+        "right" => {}
+        "3x" => {
+            cfg = config(rpm * 3, tpm * 3, defaults.burst_seconds, 1_000);
+            cfg.learn_limits = true;
+        }
+        "nothing" => {
+            cfg.limits = defaults.limits;
+            cfg.caps = defaults.caps;
+            cfg.learn_limits = true;
+        }
+        other => panic!("RL_TOLD={other}"),
+    }
     cfg.headroom = defaults.headroom;
     cfg.refund_unused_tokens = refund;
     let b = budget(&env("RL_REDIS_URL"), cfg, &key_refs);
@@ -126,7 +141,18 @@ async fn worker_child() {
                     .await
                     .expect("post to the simulator");
                 let status = resp.status().as_u16();
+                let header = |name: &str| {
+                    resp.headers()
+                        .get(name)
+                        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
+                };
+                let signal = ProviderSignal {
+                    limit_requests: header("x-ratelimit-limit-requests"),
+                    limit_tokens: header("x-ratelimit-limit-tokens"),
+                    ..ProviderSignal::for_admission(&adm, status)
+                };
                 let body: serde_json::Value = resp.json().await.unwrap_or_default();
+                b.feedback(&adm.key, MODEL, signal).await.expect("feedback");
                 match status {
                     200 => report.ok += 1,
                     429 => {
@@ -203,7 +229,9 @@ struct SharedRun {
 
 /// `processes` worker processes × `tasks` tasks against one simulated provider enforcing `rpm` and
 /// `tpm` per key, for `run` after a one-second start-up allowance.
+#[allow(clippy::too_many_arguments)]
 async fn shared_run(
+    told: &str,
     rpm: u64,
     tpm: u64,
     estimate: u64,
@@ -229,6 +257,7 @@ async fn shared_run(
                 &[
                     ("RL_REDIS_URL", redis.url()),
                     ("RL_SIM_URL", sim.base_url()),
+                    ("RL_TOLD", told.to_owned()),
                     ("RL_RPM", rpm.to_string()),
                     ("RL_TPM", tpm.to_string()),
                     ("RL_ESTIMATE", estimate.to_string()),
@@ -293,7 +322,17 @@ fn used_share(run: &SharedRun, per_minute: u64, cost: f64) -> (f64, f64) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn processes_share_one_rpm_budget_with_zero_429s_and_full_use() {
     let rpm = 600;
-    let run = shared_run(rpm, 60_000, 60, true, 4, 12, Duration::from_secs(8)).await;
+    let run = shared_run(
+        "right",
+        rpm,
+        60_000,
+        60,
+        true,
+        4,
+        12,
+        Duration::from_secs(8),
+    )
+    .await;
     let (used, window_s) = used_share(&run, rpm, 1.0);
     eprintln!(
         "rpm budget: {} admitted in {window_s:.3} s of backlog, used {:.2}% of {rpm} RPM, \
@@ -313,7 +352,17 @@ async fn processes_share_one_rpm_budget_with_zero_429s_and_full_use() {
 async fn processes_share_one_tpm_budget_with_zero_429s_and_full_use() {
     let tpm = 24_000;
     let estimate = PROMPT.chars().count().div_ceil(4) as u64 + 4 + 20;
-    let run = shared_run(6_000, tpm, estimate, false, 4, 8, Duration::from_secs(6)).await;
+    let run = shared_run(
+        "right",
+        6_000,
+        tpm,
+        estimate,
+        false,
+        4,
+        8,
+        Duration::from_secs(6),
+    )
+    .await;
     let (used, window_s) = used_share(&run, tpm, estimate as f64);
     eprintln!(
         "tpm budget: {} admitted ({} tokens each) in {window_s:.3} s of backlog, used {:.2}% of \
@@ -354,6 +403,7 @@ async fn two_keys_share_the_load_without_429s() {
                 &[
                     ("RL_REDIS_URL", redis.url()),
                     ("RL_SIM_URL", sim.base_url()),
+                    ("RL_TOLD", "right".into()),
                     ("RL_RPM", rpm.to_string()),
                     ("RL_TPM", "60000".into()),
                     ("RL_ESTIMATE", "60".into()),
@@ -443,4 +493,24 @@ async fn leases_of_a_killed_process_come_back_within_lease_secs() {
         "leases came back after {back_after:?}"
     );
     b.settle(adm, None).await.unwrap();
+}
+
+/// Told nothing, or three times too much: the first answer teaches every process the provider's
+/// limit, and the processes use it as if they had been told (zero 429s, at least 97% used).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn processes_that_were_told_wrong_learn_the_limit_with_zero_429s_and_full_use() {
+    let rpm = 600;
+    for told in ["nothing", "3x"] {
+        let run = shared_run(told, rpm, 60_000, 60, true, 4, 12, Duration::from_secs(8)).await;
+        let (used, window_s) = used_share(&run, rpm, 1.0);
+        eprintln!(
+            "told {told}: {} admitted in {window_s:.3} s of backlog, used {:.2}% of {rpm} RPM, \
+             sim max in 1 s {}",
+            run.in_window,
+            used * 100.0,
+            run.sim.totals.max_admitted_1s
+        );
+        assert!(used >= 0.97, "told {told}: used {:.2}%", used * 100.0);
+        assert!(used <= 1.0 + 1e-9, "over budget: {used}");
+    }
 }
