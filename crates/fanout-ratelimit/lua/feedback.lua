@@ -65,6 +65,7 @@ local out = {0, 0, 0, 0, 0, 0}
 local limits_touched = false
 
 -- Learn what the provider advertised; any answer ends a probe.
+local before = limits_of(lkey, now, start_r, start_t, cap_r, cap_t, learn, quiet, recovery)
 if learn == 1 then
   local fields = {'lr', 'lt'}
   local before = redis.call('HMGET', lkey, 'lr', 'lt')
@@ -129,6 +130,17 @@ if pause > 0 and now + pause > paused then
 end
 
 local fields = {'rtat', 'ttat'}
+if out[4] == 1 then
+  -- New limits: what the bucket owes (in ms at the old rate) is the same budget at the new rate,
+  -- so the probe admitted at the starting values does not hold the next calls back.
+  for d = 1, 2 do
+    if state[d] > now and before.eff[d] ~= s.eff[d] then
+      state[d] = now + (state[d] - now) * before.eff[d] / s.eff[d]
+      redis.call('HSET', bucket, fields[d], string.format('%.3f', state[d]))
+      bucket_changed = true
+    end
+  end
+end
 if tonumber(ARGV[8]) == 1 then
   for d = 1, 2 do
     if state[d] < now + burst then
