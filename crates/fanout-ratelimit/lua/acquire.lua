@@ -5,15 +5,15 @@
 --
 -- Each budget is a GCRA pair (requests, tokens) kept as theoretical arrival times (TAT, ms on the
 -- Redis clock), paced at the effective limit less `headroom`. Everything is in milliseconds of
--- budget: a cost of c units at r units/ms "weighs" c / r ms, and the bucket holds `burst` ms. A
--- cost fits at time t when
---     t >= tat - max(burst - min(weight, burst), late)
--- (a cost bigger than the bucket fits once the bucket is full, then leaves it in debt), and taking
--- it sets tat = max(tat, t) + weight. `late` lets an admission run a few ms ahead of its
--- schedule even with no burst, so a waiter that wakes a little late loses nothing. Any k + 1
--- admissions therefore span at least k weights less (burst + late): with the default burst of 0,
--- no provider window, sliding or fixed, of W seconds sees more than (W + late) of budget, which
--- `headroom` covers together with the jitter between our clock and the provider's.
+-- budget: a cost of c units at r units/ms "weighs" c / r ms, and `burst` ms of budget may go out
+-- at once. A cost is paid before it goes: it fits at time t when
+--     tat + weight <= t + burst + late
+-- and taking it sets tat = max(tat, t - max(weight - burst, 0) - late) + weight (an idle budget
+-- credits a cost its own weight beyond the burst, never more). So a provider window of W seconds,
+-- sliding or fixed, holds at most r × (W + burst + 2 × late) of ours, whatever the sizes of the
+-- requests (a big one waits for its own weight first; the throughput is the same). `late` lets
+-- an admission run a few ms ahead of its schedule, so a waiter that wakes a little late loses
+-- nothing; `headroom` covers it together with the jitter between our clock and the provider's.
 --
 -- A budget whose limits are not known yet (nothing learnt, the provider not heard from) lets one
 -- call through first (the probe) and holds the rest until its answer says what the limits are.
@@ -38,7 +38,7 @@
 -- ARGV[5]  starting tokens per minute
 -- ARGV[6]  cap on requests per minute (0 = none)
 -- ARGV[7]  cap on tokens per minute (0 = none)
--- ARGV[8]  burst (ms of budget the bucket holds)
+-- ARGV[8]  burst (ms of budget that may go out at once)
 -- ARGV[9]  headroom: share of the effective limit left unused
 -- ARGV[10] max concurrent leases, cluster-wide
 -- ARGV[11] lease ttl (ms)
@@ -144,14 +144,20 @@ if my_tokens > largest then
 end
 
 local function earliest(tat, weight)
-  return tat - math.max(burst - math.min(weight, burst), late)
+  return tat + weight - burst - late
+end
+
+-- The schedule after taking `weight` at time t: an idle budget credits the cost's own weight
+-- (beyond the burst), never more.
+local function charged(tat, t, weight)
+  return math.max(tat, t - math.max(weight - burst, 0) - late) + weight
 end
 
 -- Admitted on key k: charge its real state (not a simulated one), take a lease, leave the room.
 local function admit(k, tok_weight, probe)
   local bucket = KEYS[4 + k]
-  local new_r = math.max(real_r[k], now) + req_weight[k]
-  local new_t = math.max(real_t[k], now) + tok_weight
+  local new_r = charged(real_r[k], now, req_weight[k])
+  local new_t = charged(real_t[k], now, tok_weight)
   redis.call('HSET', bucket, 'rtat', string.format('%.3f', new_r), 'ttat', string.format('%.3f', new_t))
   local idle_after = math.max(new_r, new_t, paused[k]) - now
   redis.call('PEXPIRE', bucket, math.ceil(idle_after + 60000))
@@ -224,8 +230,8 @@ if rank > 0 then
       -- awake behind it, and it takes the next one when it comes back (it keeps its rank).
       local wake = (tonumber(wakes[j]) or 0) - grace
       if wake <= math.max(at, now) + late then
-        rtat[k] = math.max(rtat[k], at) + req_weight[k]
-        ttat[k] = math.max(ttat[k], at) + tok_weight
+        rtat[k] = charged(rtat[k], at, req_weight[k])
+        ttat[k] = charged(ttat[k], at, tok_weight)
         played = played + math.max(req_weight[k], tok_weight)
       end
     end

@@ -2,9 +2,9 @@
 -- usage. Idempotent: the token difference is applied only by the call that removes the lease, so
 -- a retried settle (or one after the lease expired) changes nothing.
 --
--- A refund moves the token TAT back by the refund's weight, never before now (the bucket never
--- holds more than its burst); an extra charge moves it forward (debt that later requests wait
--- out, as the provider will make them).
+-- A refund of unused tokens moves the token TAT back by the refund's weight, never before now
+-- (the bucket never holds more than its burst); an extra charge moves it forward (debt that later
+-- requests wait out, as the provider will make them); a refused call gives back all it took.
 --
 -- KEYS[1]  leases ZSET: lease id -> expiry (ms)
 -- KEYS[2]  bucket HASH of the (key, family) that admitted the request: rtat, ttat, paused
@@ -27,12 +27,13 @@ if removed == 0 then
   return 0
 end
 
+-- A refused call gives back exactly what it took, as if it had not been admitted (a schedule in
+-- the past is an idle budget: admission credits it no more than a full bucket).
 local request_back = tonumber(ARGV[4])
-if request_back > 0 then
+local refused = request_back > 0
+if refused then
   local rtat = tonumber(redis.call('HGET', KEYS[2], 'rtat')) or 0
-  if rtat > now then
-    redis.call('HSET', KEYS[2], 'rtat', string.format('%.3f', math.max(rtat - request_back, now)))
-  end
+  redis.call('HSET', KEYS[2], 'rtat', string.format('%.3f', rtat - request_back))
 end
 
 local delta = tonumber(ARGV[2])
@@ -42,6 +43,8 @@ if delta ~= 0 then
   local new_t
   if weight > 0 then
     new_t = math.max(ttat, now) + weight
+  elseif refused then
+    new_t = ttat + weight
   elseif ttat > now then
     new_t = math.max(ttat + weight, now)
   end

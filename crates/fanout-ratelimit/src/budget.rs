@@ -20,10 +20,10 @@ use crate::stats::BudgetStats;
 const WAITER_GRACE_MS: u64 = 1_000;
 /// Concurrency waits poll (releases are not scheduled): this times the place in line, capped at 20×.
 const CONCURRENCY_POLL_MS: u64 = 10;
-/// How far ahead of its schedule an admission may run with no burst: a waiter that wakes this
-/// late (timer granularity, a round trip) loses no budget; a provider window of W seconds sees at
-/// most (W + this) of budget, which the headroom covers.
-const LATENESS_MS: f64 = 10.0;
+/// How far ahead of its schedule an admission may run: a waiter that wakes up to twice this late
+/// (timer granularity, a round trip) loses no budget; a provider window of W seconds sees at most
+/// (W + burst + 2 × this) of budget, which the headroom covers.
+const LATENESS_MS: f64 = 5.0;
 /// Waiters ahead that one admission plays through, at most.
 const AHEAD_LIMIT: u64 = 512;
 /// A provider's `remaining` is news only when it is this share of the burst below our view.

@@ -10,6 +10,9 @@ use fanout_ratelimit::Budget;
 
 pub const MODEL: &str = "gpt-4o-mini";
 
+/// How far ahead of its schedule an admission may run (`LATENESS_MS` in the budget), in seconds.
+pub const LATENESS_SECS: f64 = 0.005;
+
 pub fn pool(url: &str) -> Pool {
     fanout_test_support::redis_pool(url)
 }
