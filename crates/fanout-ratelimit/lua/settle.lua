@@ -3,8 +3,9 @@
 -- a retried settle (or one after the lease expired) changes nothing.
 --
 -- A refund of unused tokens moves the token TAT back by the refund's weight, never before now
--- (the bucket never holds more than its burst); an extra charge moves it forward (debt that later
--- requests wait out, as the provider will make them); a refused call gives back all it took.
+-- (the bucket never holds more than its burst); an extra charge moves it forward by its weight
+-- (debt that later requests wait out, as the provider will make them); a refused call gives back
+-- all it took.
 --
 -- KEYS[1]  leases ZSET: lease id -> expiry (ms)
 -- KEYS[2]  bucket HASH of the (key, family) that admitted the request: rtat, ttat, paused
@@ -42,7 +43,9 @@ if delta ~= 0 then
   local ttat = tonumber(redis.call('HGET', KEYS[2], 'ttat')) or 0
   local new_t
   if weight > 0 then
-    new_t = math.max(ttat, now) + weight
+    -- As if the call had weighed that much more when admitted: the schedule moves by it (an
+    -- idle budget, its schedule in the past, has room for it already).
+    new_t = ttat + weight
   elseif refused then
     new_t = ttat + weight
   elseif ttat > now then
