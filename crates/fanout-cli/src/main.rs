@@ -165,8 +165,13 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             // Webhooks leave the outbox the aggregator fills; on SIGTERM, POSTs in flight get
             // the grace period, and whatever is left is claimed again after its lease.
             use fanout_producer::api::webhook;
+            let targets = fanout_producer::WebhookTargets::new(&config.webhooks.allow_hosts)
+                .map_err(|e| anyhow::anyhow!("config key `webhooks.allow_hosts`: {e}"))?;
             let webhooks = webhook::Webhooks::new(
-                webhook::WebhookOptions::from_env(&std::env::vars().collect()),
+                webhook::WebhookOptions {
+                    targets: std::sync::Arc::new(targets),
+                    ..webhook::WebhookOptions::from_env(&std::env::vars().collect())
+                },
                 &store,
             )?;
             let grace = Duration::from_secs(config.worker.grace_secs);

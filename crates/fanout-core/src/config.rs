@@ -111,6 +111,7 @@ struct RawConfig {
     api: RawApi,
     metrics: MetricsConfig,
     log: LogConfig,
+    webhooks: WebhooksConfig,
     #[serde(default)]
     prices: BTreeMap<String, Price>,
     #[serde(default)]
@@ -405,7 +406,16 @@ pub struct Config {
     pub api: ApiConfig,
     pub metrics: MetricsConfig,
     pub log: LogConfig,
+    pub webhooks: WebhooksConfig,
     pub prices: BTreeMap<String, Price>,
+}
+
+/// Where webhooks may go besides public addresses.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WebhooksConfig {
+    /// Host names, IP addresses or CIDR ranges of internal receivers webhooks may reach.
+    pub allow_hosts: Vec<String>,
 }
 
 /// The plain variables of the earlier Python tools, and the config key each one sets.
@@ -718,6 +728,7 @@ impl Config {
             },
             metrics: raw.metrics,
             log: raw.log,
+            webhooks: raw.webhooks,
             prices: raw.prices,
         })
     }
@@ -853,6 +864,15 @@ fn set_path(doc: &mut toml::Table, path: &str, raw: &str) -> Result<(), ConfigEr
     let value = raw.trim();
     let typed = match current {
         toml::Value::String(_) => toml::Value::String(value.to_owned()),
+        // A list: comma-separated (`a,b`); empty for none.
+        toml::Value::Array(_) => toml::Value::Array(
+            value
+                .split(',')
+                .map(str::trim)
+                .filter(|v| !v.is_empty())
+                .map(|v| toml::Value::String(v.to_owned()))
+                .collect(),
+        ),
         toml::Value::Integer(_) => value
             .replace('_', "")
             .parse::<i64>()
@@ -922,6 +942,24 @@ mod tests {
                 c.budget.limits
             ),
             (d.learn_limits, d.learned_ttl_secs, d.limits)
+        );
+    }
+
+    #[test]
+    fn a_list_is_set_from_the_environment_comma_separated() {
+        let c = Config::load(None, &env(&[])).unwrap();
+        assert!(c.webhooks.allow_hosts.is_empty());
+        let c = Config::load(
+            None,
+            &env(&[(
+                "FANOUT_WEBHOOKS__ALLOW_HOSTS",
+                "hooks.internal, 10.1.0.0/16,,127.0.0.1",
+            )]),
+        )
+        .unwrap();
+        assert_eq!(
+            c.webhooks.allow_hosts,
+            ["hooks.internal", "10.1.0.0/16", "127.0.0.1"]
         );
     }
 

@@ -2,6 +2,7 @@
 
 pub mod api;
 pub mod client;
+pub mod target;
 mod templates;
 
 pub use templates::{ResolveError, Templates};
@@ -15,6 +16,7 @@ use fanout_core::template::InputError;
 use fanout_metrics::METRICS;
 use fanout_queue::{NewJob, Queue};
 use serde::{Deserialize, Serialize};
+pub use target::{TargetError, WebhookTargets};
 
 /// A request for a report.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -73,15 +75,25 @@ pub struct Producer {
     store: Store,
     queue: Queue,
     templates: Arc<Templates>,
+    targets: Arc<WebhookTargets>,
 }
 
 impl Producer {
+    /// A producer whose webhooks may go to public addresses only.
     pub fn new(store: Store, queue: Queue, templates: Templates) -> Self {
         Self {
             store,
             queue,
             templates: Arc::new(templates),
+            targets: Arc::default(),
         }
+    }
+
+    /// The same producer, checking `callback_url`s against `targets` (internal receivers the
+    /// operator allows).
+    pub fn with_webhook_targets(mut self, targets: WebhookTargets) -> Self {
+        self.targets = Arc::new(targets);
+        self
     }
 
     pub fn templates(&self) -> &Templates {
@@ -108,14 +120,19 @@ impl Producer {
                 message: "must be 1 to 200 characters".into(),
             });
         }
-        if let Some(url) = &req.callback_url
-            && !(url.starts_with("http://") || url.starts_with("https://"))
-        {
-            return Err(SubmitError::Field {
-                field: "callback_url".into(),
-                message: format!("`{url}` is not an http(s) URL"),
-            });
-        }
+        let callback_url = match &req.callback_url {
+            Some(raw) => Some(
+                self.targets
+                    .check(raw)
+                    .await
+                    .map_err(|e| SubmitError::Field {
+                        field: "callback_url".into(),
+                        message: e.to_string(),
+                    })?
+                    .to_string(),
+            ),
+            None => None,
+        };
         let template = self.templates.resolve(&req.template)?;
         template
             .validate_inputs(&req.inputs)
@@ -134,7 +151,7 @@ impl Producer {
                 graph,
                 lane: lane.to_string(),
                 idempotency_key: req.idempotency_key,
-                callback_url: req.callback_url,
+                callback_url,
             })
             .await
             .map_err(|e| SubmitError::Unavailable(e.to_string()))?;

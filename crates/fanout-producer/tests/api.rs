@@ -9,10 +9,10 @@ use anyhow::{Context, Result, bail, ensure};
 use axum::http::{HeaderMap, StatusCode};
 use fanout_aggregator::{AggregatorOptions, NewReport, OnFinished};
 use fanout_core::{Config, Secret};
-use fanout_producer::SubmitRequest;
 use fanout_producer::api::webhook::{self, WebhookOptions, Webhooks};
 use fanout_producer::api::{self, ApiState, DocFormat};
 use fanout_producer::client::{FanoutClient, ServerEvent};
+use fanout_producer::{SubmitRequest, WebhookTargets};
 use fanout_sim::{SimConfig, SimHandle};
 use fanout_test_support::{RedisServer, test_config};
 use futures::StreamExt;
@@ -115,12 +115,19 @@ impl Stack {
         })
     }
 
-    /// A webhook deliverer on this stack's Redis (what `fanout aggregator` runs).
+    /// A webhook deliverer on this stack's Redis, with its `webhooks.allow_hosts` (what
+    /// `fanout aggregator` runs).
     fn webhooks(&self, options: WebhookOptions) -> Result<Webhooks> {
         let store = fanout_aggregator::Store::from_config(
             fanout_worker::redis_pool(&self.config)?,
             &self.config,
         );
+        let targets = WebhookTargets::new(&self.config.webhooks.allow_hosts)
+            .map_err(|e| anyhow::anyhow!(e))?;
+        let options = WebhookOptions {
+            targets: Arc::new(targets),
+            ..options
+        };
         Ok(Webhooks::new(options, &store)?)
     }
 
@@ -1074,8 +1081,10 @@ async fn a_finished_report_is_posted_to_its_callback_signed_and_retried() -> Res
     let receiver = Receiver::start(receiver).await?;
     let hook_url = format!("{}/hook", receiver.base);
 
+    // The receiver is on loopback: an internal address the operator allows.
     let s = Stack::start(Options {
         pipeline: pipeline(),
+        env: vec![("FANOUT_WEBHOOKS__ALLOW_HOSTS", "127.0.0.1".into())],
         ..Options::default()
     })
     .await?;
@@ -1181,6 +1190,7 @@ async fn a_webhook_outlives_its_deliverer_and_a_refused_one_is_kept_with_its_rea
 
     let s = Stack::start(Options {
         pipeline: pipeline(),
+        env: vec![("FANOUT_WEBHOOKS__ALLOW_HOSTS", "127.0.0.0/8".into())],
         ..Options::default()
     })
     .await?;
@@ -1363,5 +1373,107 @@ async fn a_retry_with_the_same_idempotency_key_heals_a_half_done_submit() -> Res
     assert_eq!(view["status"], "completed");
     let _ = &s.config;
     s.shutdown().await;
+    Ok(())
+}
+
+/// A `callback_url` aimed inside is refused at submit, whatever its spelling, and a webhook whose
+/// target is no longer allowed when it is due is not sent: no request reaches the receiver.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn webhooks_cannot_be_aimed_at_internal_addresses() -> Result<()> {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let receiver = axum::Router::new().route(
+        "/hook",
+        axum::routing::post({
+            let calls = calls.clone();
+            move || {
+                let calls = calls.clone();
+                async move {
+                    calls.fetch_add(1, Ordering::SeqCst);
+                    StatusCode::NO_CONTENT
+                }
+            }
+        }),
+    );
+    let receiver = Receiver::start(receiver).await?;
+    let port = receiver.base.rsplit(':').next().context("port")?.to_owned();
+
+    // The default policy: every spelling of this loopback receiver is refused, naming the field.
+    let strict = Stack::start(Options {
+        pipeline: pipeline(),
+        ..Options::default()
+    })
+    .await?;
+    for url in [
+        format!("http://127.0.0.1:{port}/hook"),
+        format!("http://localhost:{port}/hook"),
+        format!("http://2130706433:{port}/hook"),
+        format!("http://0x7f.0.0.1:{port}/hook"),
+        format!("http://[::1]:{port}/hook"),
+        format!("http://[::ffff:127.0.0.1]:{port}/hook"),
+        format!("http://0.0.0.0:{port}/hook"),
+        "http://169.254.169.254/latest/meta-data/".to_owned(),
+        format!("http://user:pass@127.0.0.1:{port}/hook"),
+        "http://exa mple.com/".to_owned(),
+    ] {
+        let mut body = panel(1, None);
+        body["callback_url"] = json!(url);
+        let (status, _, err) = strict
+            .call(reqwest::Method::POST, "/v1/reports", None, Some(&body))
+            .await?;
+        assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{url} → {err}");
+        let (code, field, _) = error_of(&err);
+        assert_eq!(
+            (code, field),
+            ("invalid_request", Some("callback_url")),
+            "{url} → {err}"
+        );
+    }
+
+    // Allowed by the operator, it is accepted and delivered.
+    let allowed = Stack::start(Options {
+        pipeline: pipeline(),
+        env: vec![("FANOUT_WEBHOOKS__ALLOW_HOSTS", "127.0.0.1".into())],
+        ..Options::default()
+    })
+    .await?;
+    let mut body = panel(1, None);
+    body["callback_url"] = json!(format!("http://127.0.0.1:{port}/hook"));
+    let (status, _, created) = allowed
+        .call(reqwest::Method::POST, "/v1/reports", None, Some(&body))
+        .await?;
+    assert_eq!(status, StatusCode::ACCEPTED, "{created}");
+    let id = created["id"].as_str().context("id")?.to_owned();
+
+    // A deliverer whose policy does not allow it (the operator took it off the list) sends
+    // nothing and keeps the webhook, dead, with the reason.
+    let store = fanout_aggregator::Store::from_config(
+        fanout_worker::redis_pool(&allowed.config)?,
+        &allowed.config,
+    );
+    let strict_deliverer = Webhooks::new(
+        WebhookOptions {
+            poll: Duration::from_millis(50),
+            ..WebhookOptions::default()
+        },
+        &store,
+    )?;
+    let delivering = Deliverer::start(&strict_deliverer, Duration::from_secs(1));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let dead = loop {
+        let dead = strict_deliverer.dead(10).await?;
+        if !dead.is_empty() {
+            break dead;
+        }
+        ensure!(Instant::now() < deadline, "the webhook was not given up on");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    delivering.stop().await?;
+    assert_eq!(dead[0].report_id, id);
+    assert!(dead[0].reason.contains("not allowed"), "{}", dead[0].reason);
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        0,
+        "a request reached the receiver"
+    );
     Ok(())
 }

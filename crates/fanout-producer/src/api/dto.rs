@@ -33,7 +33,8 @@ pub struct SubmitBody {
     #[schema(pattern = "^[\\x21-\\x7e]{1,200}$", max_length = 200, min_length = 1)]
     pub idempotency_key: Option<String>,
     /// Where to POST the final report JSON when the report finishes (signed, see the
-    /// webhooks section of the crate README). An http(s) URL.
+    /// webhooks section of the crate README). An http(s) URL without user info whose host
+    /// resolves to public addresses only (internal receivers: `webhooks.allow_hosts`).
     #[serde(default)]
     #[schema(pattern = "^https?://")]
     pub callback_url: Option<String>,

@@ -77,6 +77,8 @@ pub enum InitError {
     Pool { url: String, message: String },
     #[error(transparent)]
     Templates(#[from] TemplateError),
+    #[error("config key `webhooks.allow_hosts`: {0}")]
+    WebhookTargets(String),
 }
 
 impl ApiState {
@@ -111,11 +113,14 @@ impl ApiState {
     pub fn from_config(config: &Config) -> Result<Self, InitError> {
         let pool = redis_pool(config)?;
         let templates = Templates::load(&config.reports.templates_dir)?;
+        let targets = crate::WebhookTargets::new(&config.webhooks.allow_hosts)
+            .map_err(InitError::WebhookTargets)?;
         let producer = Producer::new(
             Store::from_config(pool.clone(), config),
             fanout_queue::Queue::new(pool.clone(), &config.redis.namespace, config.queue.clone()),
             templates,
-        );
+        )
+        .with_webhook_targets(targets);
         Ok(Self::new(producer, pool, config))
     }
 

@@ -36,6 +36,9 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, info, warn};
+use url::Host;
+
+use crate::target::WebhookTargets;
 
 pub const SIGNATURE_HEADER: &str = "x-fanout-signature";
 pub const TIMESTAMP_HEADER: &str = "x-fanout-timestamp";
@@ -67,6 +70,9 @@ pub struct WebhookOptions {
     pub poll: Duration,
     /// POSTs in flight at once per process.
     pub max_in_flight: usize,
+    /// Where webhooks may go (checked again at every delivery): public addresses, plus the
+    /// internal receivers the operator allows.
+    pub targets: Arc<WebhookTargets>,
 }
 
 impl Default for WebhookOptions {
@@ -80,6 +86,7 @@ impl Default for WebhookOptions {
             lease: Duration::from_secs(30),
             poll: Duration::from_millis(500),
             max_in_flight: 32,
+            targets: Arc::default(),
         }
     }
 }
@@ -173,9 +180,12 @@ enum Settle {
 impl Webhooks {
     /// Deliverer of the outbox that `store`'s aggregators fill.
     pub fn new(options: WebhookOptions, store: &Store) -> Result<Self, WebhookError> {
+        // Connections go only to addresses the target policy allows, from the lookup that
+        // checked them (no second lookup an attacker's DNS could answer differently).
         let client = reqwest::Client::builder()
             .timeout(options.timeout)
             .redirect(reqwest::redirect::Policy::none())
+            .dns_resolver(options.targets.resolver())
             .user_agent(concat!("fanout-webhook/", env!("CARGO_PKG_VERSION")))
             .build()?;
         if options.secret.is_none() {
@@ -477,6 +487,21 @@ enum Try {
 }
 
 async fn try_once(inner: &Inner, url: &str, report_id: &str, body: &Bytes, attempt: u32) -> Try {
+    // Checked again now: the policy may have changed since the submit, and an address literal
+    // does not go through the resolver.
+    let targets = &inner.options.targets;
+    let checked = targets.parse(url).and_then(|u| {
+        let host = crate::target::host_text(&u);
+        match u.host() {
+            Some(Host::Ipv4(ip)) => targets.check_addr(&host, ip.into()),
+            Some(Host::Ipv6(ip)) => targets.check_addr(&host, ip.into()),
+            _ => Ok(()),
+        }
+    });
+    if let Err(e) = checked {
+        warn!(error = %e, "webhook target not allowed, not sent");
+        return Try::GiveUp(format!("the callback url is not allowed: {e}"));
+    }
     let timestamp = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
