@@ -31,6 +31,9 @@ pub(crate) struct BudgetArgs {
     /// fixed-1s, fixed-10s, fixed-60s).
     #[arg(long, value_delimiter = ',')]
     budget_shapes: Vec<String>,
+    /// Run only the runs where this limit binds (requests or tokens).
+    #[arg(long, value_parser = ["requests", "tokens"])]
+    budget_binding: Option<String>,
 }
 
 /// The enforcement shapes measured, as (name, shape, window seconds).
@@ -125,6 +128,13 @@ pub(crate) async fn run(
     for &&(shape, limit_shape, window) in &shapes {
         for &processes in &args.budget_processes {
             for binding in [Binding::Requests, Binding::Tokens] {
+                let name = match binding {
+                    Binding::Requests => "requests",
+                    Binding::Tokens => "tokens",
+                };
+                if args.budget_binding.as_deref().is_some_and(|b| b != name) {
+                    continue;
+                }
                 for told in [Told::Right, Told::ThreeTimes, Told::Nothing] {
                     let cell = Cell {
                         shape,
@@ -264,7 +274,6 @@ fn outcome(timeline: &[RateEvent], binding: Binding, per_minute: u64) -> Outcome
     let refused = timeline.len() - admitted.len();
     let first = timeline.first().map_or(0.0, |e| e.at_ms);
     let last_refused = timeline.iter().rev().find(|e| !e.admitted).map(|e| e.at_ms);
-    let from = last_refused.unwrap_or(first);
     // The backlog is the persona calls: it ends with the last of them. A panel's summary (a
     // prompt of every critique, many times a persona call's tokens) comes after its panel.
     let mut sizes: Vec<u64> = admitted.iter().map(|e| e.tokens).collect();
@@ -274,7 +283,9 @@ fn outcome(timeline: &[RateEvent], binding: Binding, per_minute: u64) -> Outcome
         .iter()
         .rev()
         .find(|e| e.tokens <= typical.saturating_mul(4))
-        .map_or(from, |e| e.at_ms);
+        .map_or(first, |e| e.at_ms);
+    // Once converged: from the last 429, unless that came after the backlog (a summary).
+    let from = last_refused.filter(|t| *t < to).unwrap_or(first);
     // The last admission only starts at `to`: count what went in before it.
     let cost = |e: &RateEvent| match binding {
         Binding::Requests => 1.0,
@@ -324,5 +335,25 @@ mod tests {
         assert!((o.converged_after - 1.0).abs() < 1e-9);
         let o = outcome(&timeline, Binding::Tokens, 12_000);
         assert!((o.used - 0.5).abs() < 1e-9, "{}", o.used);
+    }
+
+    #[test]
+    fn a_429_after_the_backlog_leaves_its_use_measured_from_the_start() {
+        // One a second from 0 to 4 s, then a summary (many times the size) refused and served.
+        let mut timeline: Vec<RateEvent> =
+            (0..5).map(|i| event(i as f64 * 1_000.0, true)).collect();
+        timeline.push(RateEvent {
+            at_ms: 4_500.0,
+            admitted: false,
+            tokens: 5_000,
+        });
+        timeline.push(RateEvent {
+            at_ms: 5_500.0,
+            admitted: true,
+            tokens: 5_000,
+        });
+        let o = outcome(&timeline, Binding::Requests, 60);
+        assert!((o.used - 1.0).abs() < 1e-9, "{}", o.used);
+        assert!((o.converged_after - 4.5).abs() < 1e-9);
     }
 }

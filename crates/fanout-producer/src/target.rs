@@ -61,8 +61,10 @@ impl WebhookTargets {
                 targets.nets.push(net);
             } else if let Ok(ip) = entry.parse::<IpAddr>() {
                 targets.nets.push(IpNet::from(ip));
-            } else if is_host_name(entry) {
-                targets.hosts.push(entry.to_ascii_lowercase());
+            } else if is_host_name(entry.trim_end_matches('.')) {
+                targets
+                    .hosts
+                    .push(entry.trim_end_matches('.').to_ascii_lowercase());
             } else {
                 return Err(format!(
                     "`{entry}` is not a host name, an IP address or a CIDR range"
@@ -118,6 +120,7 @@ impl WebhookTargets {
 
     /// Whether `host` may be reached at `addr`.
     pub fn check_addr(&self, host: &str, addr: IpAddr) -> Result<(), TargetError> {
+        let host = host.trim_end_matches('.');
         let host_allowed = self.hosts.iter().any(|h| h.eq_ignore_ascii_case(host));
         if host_allowed || self.nets.iter().any(|n| n.contains(&addr)) || is_public(addr) {
             Ok(())
@@ -215,9 +218,14 @@ fn is_public_v4(ip: Ipv4Addr) -> bool {
 
 fn is_public_v6(ip: Ipv6Addr) -> bool {
     let s = ip.segments();
-    if s[..5] == [0; 5] && s[5] == 0xffff {
-        // IPv4-mapped: what it maps to decides.
+    if s[..5] == [0; 5] && s[5] == 0xffff || s[..4] == [0; 4] && s[4] == 0xffff && s[5] == 0 {
+        // IPv4-mapped (::ffff:a.b.c.d) or IPv4-translated (::ffff:0:a.b.c.d): what it maps to
+        // decides.
         return is_public_v4(v4_of(s[6], s[7]));
+    }
+    if s[0] == 0x0064 && s[1] == 0xff9b && s[2] == 0x0001 {
+        // Local-use NAT64 (64:ff9b:1::/48): where it leads is the operator's business.
+        return false;
     }
     if s[0] == 0x0064 && s[1] == 0xff9b && s[2..6] == [0; 4] {
         // NAT64: the IPv4 address it reaches decides.
@@ -269,6 +277,8 @@ mod tests {
             "http://[::127.0.0.1]/",
             "http://[64:ff9b::a9fe:a9fe]/",
             "http://[2002:7f00:1::]/",
+            "http://[::ffff:0:7f00:1]/",
+            "http://[64:ff9b:1::a00:1]/",
             "http://169.254.169.254/latest/meta-data/",
             "http://[fe80::1]/",
             "http://[fd00::1]/",
@@ -315,7 +325,10 @@ mod tests {
             TargetError::UserInfo
         );
         assert!(t.parse("not a url").is_err());
-        assert_eq!(t.parse(" http://example.com/").unwrap_err(), TargetError::Scheme);
+        assert_eq!(
+            t.parse(" http://example.com/").unwrap_err(),
+            TargetError::Scheme
+        );
         assert!(t.parse("https://example.com/hook?x=1").is_ok());
     }
 

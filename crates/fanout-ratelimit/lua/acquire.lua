@@ -49,8 +49,9 @@
 -- ARGV[16] adaptive quiet period (ms)
 -- ARGV[17] adaptive recovery time (ms)
 -- ARGV[18] lateness allowance (ms): how far ahead of its schedule an admission may run
--- Returns: {1, key index (1-based), now ms (string), probe (0/1), paced tokens per minute of that
---          key (string), its request weight in ms (string)} when admitted, or
+-- ARGV[19] how long a probe holds the others back at most (ms): a probe that has not answered
+--          by then (a slow or hung call) lets another one go
+-- Returns: {1, key index (1-based), now ms (string), probe (0/1)} when admitted, or
 --          {0, wait ms, reason ("budget" | "paused" | "concurrency" | "learning"), now ms (string)},
 --          or {2, tokens per minute (string)} when the request is larger than a minute of every
 --          key's token limit
@@ -75,6 +76,7 @@ local learn = tonumber(ARGV[15])
 local quiet = tonumber(ARGV[16])
 local recovery = tonumber(ARGV[17])
 local late = tonumber(ARGV[18])
+local probe_ms = tonumber(ARGV[19])
 
 -- Purge expired leases; with anyone waiting, purge dead waiters and take a place in line.
 -- An empty room (the common case while the budget does not bind) needs no place: nobody is ahead.
@@ -130,9 +132,17 @@ end
 -- A request bigger than a whole minute of every key's token limit (learnt or configured, capped)
 -- can never be served: the provider refuses it ("request too large"), and it would leave our
 -- budget in debt for minutes. Say so instead of admitting it.
+-- While a key's limits are not known, only an explicit cap can say so (the plan's starting
+-- number is a guess).
 local largest = 0
 for i = 1, n do
-  largest = math.max(largest, base_t[i])
+  if not probing[i] then
+    largest = math.max(largest, base_t[i])
+  elseif cap_t > 0 then
+    largest = math.max(largest, cap_t)
+  else
+    largest = math.huge
+  end
 end
 if my_tokens > largest then
   if in_room then
@@ -170,13 +180,12 @@ local function admit(k, tok_weight, probe)
   if probe then
     -- This call learns the limits; the others wait for its answer (or its lease's expiry).
     local lkey = KEYS[4 + n + k]
-    redis.call('HSET', lkey, 'probe', string.format('%.3f', now + lease_ms), 'prober', me)
+    redis.call('HSET', lkey, 'probe', string.format('%.3f', now + probe_ms), 'prober', me)
     if redis.call('PTTL', lkey) < lease_ms then
       redis.call('PEXPIRE', lkey, lease_ms)
     end
   end
-  return {1, k, string.format('%.3f', now), probe and 1 or 0,
-    string.format('%.3f', tok_per_ms[k] * 60000), string.format('%.3f', req_weight[k])}
+  return {1, k, string.format('%.3f', now), probe and 1 or 0}
 end
 
 -- Limits not known on some key: the first caller to come, whatever its place, is the probe.

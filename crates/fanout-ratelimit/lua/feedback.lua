@@ -138,6 +138,7 @@ if out[4] == 1 then
       state[d] = now + (state[d] - now) * before.eff[d] / s.eff[d]
       redis.call('HSET', bucket, fields[d], string.format('%.3f', state[d]))
       bucket_changed = true
+      horizon = math.max(horizon, state[d] - now)
     end
   end
 end

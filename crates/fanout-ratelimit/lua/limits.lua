@@ -1,4 +1,4 @@
--- limits.lua: a prelude, prepended to acquire.lua, feedback.lua and snapshot.lua (see
+-- limits.lua: a prelude, prepended to acquire.lua, feedback.lua, settle.lua and snapshot.lua (see
 -- redis_conn.rs), that works out the effective per-minute limits of one (key, family) budget.
 --
 -- The limits HASH of a (key, family) holds what was learnt, for every process:

@@ -12,9 +12,14 @@
 -- KEYS[3]  limits HASH of that (key, family): a probe this call was is over (see limits.lua)
 -- ARGV[1]  lease id
 -- ARGV[2]  token difference to apply: actual - estimate (negative = refund, 0 = none)
--- ARGV[3]  tokens per minute the admission was paced at (the weight of the difference)
--- ARGV[4]  request weight to give back (ms; 0 = none): the provider refused the call and
---          counted nothing, so the request goes back too
+-- ARGV[3]  1 if the provider refused the call and counted nothing: the request goes back too
+-- ARGV[4..7]  starting requests and tokens per minute, caps (0 = none), as in acquire.lua
+-- ARGV[8]  1 to use learnt limits, 0 not
+-- ARGV[9]  adaptive quiet period (ms)
+-- ARGV[10] adaptive recovery time (ms)
+-- ARGV[11] headroom
+-- Weights are at the current effective limits (after the probe that was this call, they are
+-- the learnt ones: the schedule was rescaled to them).
 -- Returns: 1 if the lease was released by this call (and the difference applied), else 0
 
 local t = redis.call('TIME')
@@ -28,10 +33,15 @@ if removed == 0 then
   return 0
 end
 
+local s = limits_of(KEYS[3], now, tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6]),
+  tonumber(ARGV[7]), tonumber(ARGV[8]), tonumber(ARGV[9]), tonumber(ARGV[10]))
+local pace = 1 - tonumber(ARGV[11])
+local request_back = 60000 / (s.eff[1] * pace)
+local tok_per_ms = s.eff[2] * pace / 60000
+
 -- A refused call gives back exactly what it took, as if it had not been admitted (a schedule in
 -- the past is an idle budget: admission credits it no more than a full bucket).
-local request_back = tonumber(ARGV[4])
-local refused = request_back > 0
+local refused = tonumber(ARGV[3]) == 1
 if refused then
   local rtat = tonumber(redis.call('HGET', KEYS[2], 'rtat')) or 0
   redis.call('HSET', KEYS[2], 'rtat', string.format('%.3f', rtat - request_back))
@@ -39,7 +49,7 @@ end
 
 local delta = tonumber(ARGV[2])
 if delta ~= 0 then
-  local weight = delta / (tonumber(ARGV[3]) / 60000)
+  local weight = delta / tok_per_ms
   local ttat = tonumber(redis.call('HGET', KEYS[2], 'ttat')) or 0
   local new_t
   if weight > 0 then

@@ -24,8 +24,11 @@ const CONCURRENCY_POLL_MS: u64 = 10;
 /// (timer granularity, a round trip) loses no budget; a provider window of W seconds sees at most
 /// (W + burst + 2 × this) of budget, which the headroom covers.
 const LATENESS_MS: f64 = 5.0;
+/// How long the first call to a budget whose limits are unknown holds the others back at most:
+/// a probe slower than this (a long or hung call) lets another one go.
+const PROBE_HOLD: Duration = Duration::from_secs(5);
 /// Waiters ahead that one admission plays through, at most.
-const AHEAD_LIMIT: u64 = 512;
+const AHEAD_LIMIT: u64 = 64;
 /// A provider's `remaining` is news only when it is this share of the burst below our view.
 const REMAINING_TOLERANCE: f64 = 0.5;
 /// Pause after a 429 that carried neither retry-after nor a usable reset.
@@ -217,10 +220,6 @@ struct Lease {
     budget: Arc<Inner>,
     bucket_key: String,
     limits_key: String,
-    /// Tokens per minute the admission was paced at: the weight of a settled difference.
-    paced_tpm: f64,
-    /// The weight of the request itself (ms), given back if the provider refused it.
-    request_weight_ms: f64,
 }
 
 impl std::fmt::Debug for Lease {
@@ -265,8 +264,6 @@ enum Reply {
         key_index: usize,
         now_ms: f64,
         probe: bool,
-        paced_tpm: f64,
-        request_weight_ms: f64,
     },
     Wait {
         wait: Duration,
@@ -399,15 +396,13 @@ impl Budget {
                 .arg(CONCURRENCY_POLL_MS)
                 .arg(AHEAD_LIMIT);
             adaptive_args(&mut inv, &inner.config);
-            inv.arg(LATENESS_MS);
+            inv.arg(LATENESS_MS).arg(PROBE_HOLD.as_millis() as u64);
             let reply = parse_acquire(inner.redis.run(&inv).await?)?;
             match reply {
                 Reply::Admitted {
                     key_index,
                     now_ms,
                     probe,
-                    paced_tpm,
-                    request_weight_ms,
                 } => {
                     waiter.armed = false;
                     let waited = started.elapsed();
@@ -428,8 +423,6 @@ impl Budget {
                             budget: self.inner.clone(),
                             bucket_key: bucket_keys[key_index].clone(),
                             limits_key: limit_keys[key_index].clone(),
-                            paced_tpm,
-                            request_weight_ms,
                         }),
                         probe,
                         key,
@@ -584,12 +577,14 @@ impl Budget {
             .key(&lease.limits_key)
             .arg(&lease.id)
             .arg(delta)
-            .arg(lease.paced_tpm.max(1e-3))
-            .arg(if refused {
-                lease.request_weight_ms
-            } else {
-                0.0
-            });
+            .arg(u8::from(refused));
+        limit_args(
+            &mut inv,
+            inner.config.limits_for(&admission.family),
+            inner.config.caps_for(&admission.family),
+        );
+        adaptive_args(&mut inv, &inner.config);
+        inv.arg(inner.config.headroom);
         let result = inner.redis.run(&inv).await;
         if result.is_ok() {
             // Released: the drop must not release it again.
@@ -881,17 +876,10 @@ fn parse_acquire(v: Value) -> Result<Reply> {
             let index = items.get(1).and_then(int).ok_or_else(|| bad("key index"))?;
             let now_ms = items.get(2).and_then(float).ok_or_else(|| bad("now"))?;
             let probe = items.get(3).and_then(int) == Some(1);
-            let paced_tpm = items
-                .get(4)
-                .and_then(float)
-                .ok_or_else(|| bad("paced tpm"))?;
-            let request_weight_ms = items.get(5).and_then(float).unwrap_or(0.0);
             Ok(Reply::Admitted {
                 key_index: usize::try_from(index - 1).map_err(|_| bad("key index"))?,
                 now_ms,
                 probe,
-                paced_tpm,
-                request_weight_ms,
             })
         }
         Some(0) => {

@@ -26,7 +26,10 @@ pub(crate) static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| Scripts {
         include_str!("../lua/limits.lua"),
         include_str!("../lua/acquire.lua")
     )),
-    settle: Script::new(include_str!("../lua/settle.lua")),
+    settle: Script::new(concat!(
+        include_str!("../lua/limits.lua"),
+        include_str!("../lua/settle.lua")
+    )),
     feedback: Script::new(concat!(
         include_str!("../lua/limits.lua"),
         include_str!("../lua/feedback.lua")

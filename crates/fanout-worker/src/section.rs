@@ -313,8 +313,8 @@ impl SectionHandler {
                     };
                     let used = resp.prompt_tokens + completion;
                     // Before settling: a probe's answer must be learnt before its lease goes.
-                    self.feedback(&admission, &req.model, &resp.headers, 200, None)
-                        .await;
+                    let signal = signal(&admission, &resp.headers, 200, None);
+                    self.feedback(&key, &req.model, signal).await;
                     self.deps.budget.settle(admission, Some(used)).await?;
                     record_call(&req.model, "ok", "200", elapsed);
                     tracing::info!(
@@ -342,14 +342,15 @@ impl SectionHandler {
                     let limited = (signal_status == 429)
                         .then(|| limited_dimension(&err))
                         .flatten();
-                    self.feedback(&admission, &req.model, &err.headers, signal_status, limited)
-                        .await;
+                    let signal = signal(&admission, &err.headers, signal_status, limited);
                     if err.status == Some(429) {
-                        // Refused, not served: the provider counted none of it.
+                        // Refused, not served: the provider counted none of it. Given back
+                        // first, so that the 429's feedback empties the budget after it.
                         self.deps.budget.settle_refused(admission).await?;
                     } else {
                         self.deps.budget.settle(admission, None).await?;
                     }
+                    self.feedback(&key, &req.model, signal).await;
                     let status = err
                         .status
                         .map(|s| s.to_string())
@@ -531,32 +532,34 @@ impl SectionHandler {
 
     /// Hand the provider's view of every answer to the shared budget, which learns the
     /// advertised limits, pauses and lowers its rate on a 429, and skips the round trip when
-    /// nothing is new. `status` is 0 when the call got no answer.
-    async fn feedback(
-        &self,
-        admission: &Admission,
-        model: &str,
-        h: &fanout_llm::RateHeaders,
-        status: u16,
-        limited: Option<Dimension>,
-    ) {
-        let key = admission.key.as_str();
-        let signal = ProviderSignal {
-            retry_after: if status == 429 { h.retry_after } else { None },
-            limit_requests: h.limit_requests.map(u64::from),
-            limit_tokens: h.limit_tokens.map(u64::from),
-            remaining_requests: h.remaining_requests.map(u64::from),
-            remaining_tokens: h.remaining_tokens.map(u64::from),
-            reset_requests: h.reset_requests,
-            reset_tokens: h.reset_tokens,
-            limited,
-            ..ProviderSignal::for_admission(admission, status)
-        };
+    /// nothing is new.
+    async fn feedback(&self, key: &str, model: &str, signal: ProviderSignal) {
+        let status = signal.status;
         match self.deps.budget.feedback(key, model, signal).await {
             Ok(()) if status == 429 => METRICS.budget_pauses.with_label_values(&[key, model]).inc(),
             Ok(()) => {}
             Err(e) => tracing::warn!(key, model, error = %e, "could not record provider feedback"),
         }
+    }
+}
+
+/// What an answer (`status` 0: none) to the call `admission` admitted tells the budget.
+fn signal(
+    admission: &Admission,
+    h: &fanout_llm::RateHeaders,
+    status: u16,
+    limited: Option<Dimension>,
+) -> ProviderSignal {
+    ProviderSignal {
+        retry_after: if status == 429 { h.retry_after } else { None },
+        limit_requests: h.limit_requests.map(u64::from),
+        limit_tokens: h.limit_tokens.map(u64::from),
+        remaining_requests: h.remaining_requests.map(u64::from),
+        remaining_tokens: h.remaining_tokens.map(u64::from),
+        reset_requests: h.reset_requests,
+        reset_tokens: h.reset_tokens,
+        limited,
+        ..ProviderSignal::for_admission(admission, status)
     }
 }
 

@@ -516,11 +516,13 @@ async fn fatal_provider_errors_fail_the_section_at_once_with_the_providers_messa
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_429_storm_is_ridden_out_honouring_retry_after_with_a_shared_pause() -> Result<()> {
-    // The provider lets 1 request a second through (60 RPM, a bucket of 1); we believe 6000 RPM.
-    // Attempts stay at the harness's 3: a 429 is the budget's problem, not the section's.
+    // The provider lets 1 request a second through (60 RPM, a bucket of 1) and does not say so
+    // (no rate headers to learn from); we believe 6000 RPM. Attempts stay at the harness's 3: a
+    // 429 is the budget's problem, not the section's.
     let stack = Stack::start(Spec {
         sim: SimConfig {
             rpm: 60,
+            rate_headers: false,
             ..SimConfig::instant()
         },
         env: vec![("REQUESTS_PER_MINUTE", "6000".into())],
@@ -618,10 +620,12 @@ async fn a_429_storm_is_ridden_out_honouring_retry_after_with_a_shared_pause() -
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_429_asking_for_longer_than_max_wait_hands_the_job_back_instead_of_failing_it()
 -> Result<()> {
-    // 1 RPM at the provider: after one request, the next 429 asks for ~60 s.
+    // 1 RPM at the provider, which does not advertise it: after one request, the next 429 asks
+    // for ~60 s.
     let stack = Stack::start(Spec {
         sim: SimConfig {
             rpm: 1,
+            rate_headers: false,
             ..SimConfig::instant()
         },
         env: vec![

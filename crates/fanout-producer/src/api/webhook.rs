@@ -185,6 +185,8 @@ impl Webhooks {
         let client = reqwest::Client::builder()
             .timeout(options.timeout)
             .redirect(reqwest::redirect::Policy::none())
+            // A proxy from the environment would resolve the target itself, past the check.
+            .no_proxy()
             .dns_resolver(options.targets.resolver())
             .user_agent(concat!("fanout-webhook/", env!("CARGO_PKG_VERSION")))
             .build()?;
