@@ -8,7 +8,7 @@ use deadpool_redis::Pool;
 use fanout_core::config::{BudgetConfig, LimitCaps, ModelLimits, model_family};
 use rand::Rng as _;
 use redis::Value;
-use tracing::{debug, info, warn};
+use tracing::{debug, info};
 
 use crate::error::{Error, Result};
 use crate::keeper::{Chore, Keeper};
@@ -728,7 +728,7 @@ impl Budget {
         let decreased = (number(4), number(5));
         if decreased.0.is_some() || decreased.1.is_some() {
             BudgetStats::add(&inner.stats.decreases, 1);
-            warn!(
+            info!(
                 key,
                 family,
                 requests_per_minute = decreased.0.map(|v| v.round() as u64),
