@@ -844,11 +844,19 @@ async fn a_job_that_keeps_losing_its_worker_fails_its_section_and_the_report_fin
         &[section("doomed", "[sim:hang]"), section("fine", "")],
     );
     let id = stack.submit(&template, None).await?;
-    // Wait until the doomed call is in flight, then take the worker away mid-call: the drain
-    // gives up after its 1 s grace and leaves the job pending, as a crash would.
+    // Wait until the doomed call is in flight and `fine` is done (if the hung call was the first
+    // to this budget, `fine` waited for its answer for a few seconds, then went), then take the
+    // worker away mid-call: the drain gives up after its 1 s grace and leaves the job pending, as
+    // a crash would.
     let deadline = Instant::now() + FINISH_WITHIN;
-    while sec(&stack.view(&id).await?, "doomed").state != SectionState::Running {
-        ensure!(Instant::now() < deadline, "doomed never started");
+    loop {
+        let view = stack.view(&id).await?;
+        if sec(&view, "doomed").state == SectionState::Running
+            && sec(&view, "fine").state == SectionState::Done
+        {
+            break;
+        }
+        ensure!(Instant::now() < deadline, "doomed never started: {view:#?}");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     stack.stop.cancel();
