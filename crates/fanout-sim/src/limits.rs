@@ -188,6 +188,16 @@ impl Params {
     }
 }
 
+/// Whether `cost` fits a window holding `used` (`own` of it the key's own requests): within the
+/// capacity, or, for a cost above it, only in a window the key's own requests left empty.
+fn window_fits(p: &Params, used: i128, own: i128, cost: i128) -> bool {
+    if p.oversized(cost) {
+        own == 0
+    } else {
+        used + cost <= p.capacity
+    }
+}
+
 fn scaled(cost: u64) -> i128 {
     i128::from(cost) * NANOS_PER_MINUTE
 }
@@ -512,11 +522,7 @@ impl Log {
     }
 
     fn fits(&self, p: &Params, cost: i128) -> bool {
-        if p.oversized(cost) {
-            self.own == 0
-        } else {
-            self.used + cost <= p.capacity
-        }
+        window_fits(p, self.used, self.own, cost)
     }
 
     fn wait_for(&self, p: &Params, cost: i128, now: Instant) -> Duration {
@@ -626,11 +632,7 @@ impl Windows {
     }
 
     fn fits(&self, p: &Params, cost: i128) -> bool {
-        if p.oversized(cost) {
-            self.own == 0
-        } else {
-            self.used + cost <= p.capacity
-        }
+        window_fits(p, self.used, self.own, cost)
     }
 
     fn wait_for(&self, p: &Params, cost: i128, now: Instant) -> Duration {
