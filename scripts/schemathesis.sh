@@ -37,6 +37,9 @@ TOKEN="schemathesis-token-$(date +%s)"
 # Submissions unlimited (schemathesis submits many reports, some with 100 personas) and a
 # provider budget that does not make them queue; a body limit above the largest valid request
 # (100 personas with 2,000-character fields, up to 4 bytes a character).
+# Every address is an allowed webhook target here: the contract is about shapes, and which
+# addresses are refused is tested in crates/fanout-producer (a schema cannot say it).
+export FANOUT_WEBHOOKS__ALLOW_HOSTS="0.0.0.0/0,::/0"
 export REDIS_URL="redis://127.0.0.1:$REDIS_PORT" \
   OPENAI_BASE_URL="http://127.0.0.1:$SIM_PORT/v1" \
   OPENAI_API_KEY="sk-schemathesis-0000000000" \

@@ -36,7 +36,10 @@ pub struct SubmitBody {
     /// webhooks section of the crate README). An http(s) URL without user info whose host
     /// resolves to public addresses only (internal receivers: `webhooks.allow_hosts`).
     #[serde(default)]
-    #[schema(pattern = "^https?://")]
+    // The same as `crate::target::CALLBACK_URL_PATTERN` (a test checks).
+    #[schema(
+        pattern = r"^https?://((([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)*[A-Za-z]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)|((25[0-5]|2[0-4][0-9]|1[0-9]{2}|[1-9]?[0-9])\.){3}(25[0-5]|2[0-4][0-9]|1[0-9]{2}|[1-9]?[0-9]))(:(6553[0-5]|655[0-2][0-9]|65[0-4][0-9]{2}|6[0-4][0-9]{3}|[1-5][0-9]{4}|[0-9]{1,4}))?([/?][!-~]*)?$"
+    )]
     pub callback_url: Option<String>,
 }
 

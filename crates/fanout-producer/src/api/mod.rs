@@ -6,7 +6,7 @@ mod auth;
 mod dto;
 mod error;
 mod extract;
-mod openapi;
+pub(crate) mod openapi;
 mod ratelimit;
 mod routes;
 mod sse;

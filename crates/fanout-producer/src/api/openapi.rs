@@ -63,7 +63,7 @@ use crate::Templates;
         (name = "operations", description = "Health, readiness, metrics, this document"),
     )
 )]
-struct ApiDoc;
+pub(crate) struct ApiDoc;
 
 struct BearerAuth;
 
