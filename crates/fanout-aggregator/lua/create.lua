@@ -2,23 +2,33 @@
 -- index and the "report.created" event, after the idempotency check. One round trip.
 --
 -- KEYS[1..10]  the report keys (see lib.lua)
--- KEYS[11]     idempotency key `{ns}:idem:<tenant>:<key>` (present when ARGV[5] = "1")
+-- KEYS[11]     idempotency key `{ns}:idem:<tenant>:<key>` (present when ARGV[5] ~= "0")
 --
 -- ARGV[1..4]   ttl, events maxlen, notify maxlen, report id (see lib.lua)
--- ARGV[5]      "1" when an idempotency key is given, else "0"
+-- ARGV[5]      the request's fingerprint when an idempotency key is given, else "0"
 -- ARGV[6]      m, the number of record fields that follow
 -- ARGV[7 .. 6+2m]  record field, value pairs (tenant, template, inputs, lane, layout, …)
 -- then per job, 5 values: job id, JobNode JSON, number of dependencies,
 --                         dependents JSON array ("" for none), flags ("", "s", "o", "so")
 --
 -- Returns: {"created", report id, JobNode JSON of each job with no dependencies …}
---      or  {"duplicate", existing report id} when the idempotency key (or the id) is known.
+--      or  {"duplicate", existing report id} when the idempotency key (or the id) is known,
+--          for the same request (the same fingerprint, or a key stored before fingerprints)
+--      or  {"conflict", existing report id} when the key was used for another request.
 -- Idempotent: a repeated call with the same key or id changes nothing.
 
-if ARGV[5] == '1' then
+if ARGV[5] ~= '0' then
   local existing = redis.call('GET', KEYS[11])
   if existing then
-    return { 'duplicate', existing }
+    -- "<report id> <fingerprint>" (or a bare id, written before fingerprints).
+    local id, fingerprint = string.match(existing, '^(%S+) (%S+)$')
+    if not id then
+      return { 'duplicate', existing }
+    end
+    if fingerprint ~= ARGV[5] then
+      return { 'conflict', id }
+    end
+    return { 'duplicate', id }
   end
 end
 if redis.call('EXISTS', KEYS[K_META]) == 1 then
@@ -62,8 +72,8 @@ redis.call('HSET', KEYS[K_META], unpack(record))
 for _, k in ipairs({ K_REMAINING, K_DEPENDENTS, K_FLAGS, K_RESULTS, K_INFO }) do
   redis.call('HSET', KEYS[k], '_', '')
 end
-if ARGV[5] == '1' then
-  redis.call('SET', KEYS[11], REPORT_ID, 'EX', TTL)
+if ARGV[5] ~= '0' then
+  redis.call('SET', KEYS[11], REPORT_ID .. ' ' .. ARGV[5], 'EX', TTL)
 end
 event('report.created', '', 'running', string.format('%d sections, %d ready', jobs, #ready - 2), now)
 touch()

@@ -355,7 +355,7 @@ impl Aggregator {
             .query_async(&mut conn)
             .await?;
         if let Some(url) = &view.callback_url {
-            // The webhook outbox, delivered by fanout-producer's `Webhooks::run`. Written before
+            // The webhook outbox, delivered by `webhook::Webhooks::run`. Written before
             // the report counts as assembled: a crash in between assembles it again (NX keeps
             // one entry), never loses the webhook.
             let k = self.store.keys();
@@ -372,6 +372,13 @@ impl Aggregator {
                 .arg(0) // due at once, whatever this host's clock says
                 .arg(report_id)
                 .ignore()
+                .query_async(&mut conn)
+                .await?;
+            // Shown on the report (its own slot: a separate write; kept if already further).
+            let _: () = redis::cmd("HSETNX")
+                .arg(keys.meta())
+                .arg("webhook_state")
+                .arg(crate::WebhookState::Pending.as_str())
                 .query_async(&mut conn)
                 .await?;
         }

@@ -44,7 +44,7 @@ pub fn render_markdown(view: &ReportView) -> String {
     } else {
         &view.title
     };
-    md.push_str(&format!("# {}\n\n", title.trim()));
+    md.push_str(&format!("# {}\n\n", escape(&one_line(title))));
     md.push_str(&format!("> {}\n>\n", summary_line(view)));
     let mut meta = format!(
         "> Report `{}` · template `{}` · created {}",
@@ -59,14 +59,17 @@ pub fn render_markdown(view: &ReportView) -> String {
     md.push_str("\n\n");
 
     for g in groups(view) {
-        md.push_str(&format!("## {}\n\n", heading(g.title, g.section)));
+        md.push_str(&format!(
+            "## {}\n\n",
+            escape(&one_line(heading(g.title, g.section)))
+        ));
         if g.for_each {
             for (n, job) in g.jobs.iter().enumerate() {
                 let label = job
                     .item
                     .clone()
                     .unwrap_or_else(|| format!("Item {}", job.index.unwrap_or(n) + 1));
-                md.push_str(&format!("### {}\n\n", one_line(&label)));
+                md.push_str(&format!("### {}\n\n", escape(&one_line(&label))));
                 section_body(&mut md, job, 4);
             }
         } else {
@@ -104,11 +107,13 @@ fn section_body(md: &mut String, s: &SectionView, top: usize) {
         }
         SectionState::Failed => md.push_str(&format!(
             "> ❌ failed: {}\n\n",
-            one_line(s.reason.as_deref().unwrap_or("unknown error"))
+            escape(&one_line(s.reason.as_deref().unwrap_or("unknown error")))
         )),
         SectionState::Skipped => md.push_str(&format!(
             "> ⏭ skipped: {}\n\n",
-            one_line(s.reason.as_deref().unwrap_or("a dependency failed"))
+            escape(&one_line(
+                s.reason.as_deref().unwrap_or("a dependency failed")
+            ))
         )),
         SectionState::Cancelled => md.push_str("> ⏹ cancelled\n\n"),
         SectionState::Pending | SectionState::Ready | SectionState::Running => {
@@ -295,6 +300,43 @@ pub(crate) fn nest_headings(text: &str, top: usize) -> String {
         .join("\n")
 }
 
+/// `s` as literal Markdown text: every ASCII punctuation character that Markdown or HTML gives a
+/// meaning to is backslash-escaped (CommonMark renders `\\<` as `<`), so a name such as
+/// `<script>…` or `*[x](javascript:…)*` shows as typed and is never markup.
+fn escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 8);
+    for c in s.chars() {
+        if matches!(
+            c,
+            '\\' | '`'
+                | '*'
+                | '_'
+                | '{'
+                | '}'
+                | '['
+                | ']'
+                | '<'
+                | '>'
+                | '('
+                | ')'
+                | '#'
+                | '+'
+                | '-'
+                | '.'
+                | '!'
+                | '|'
+                | '~'
+                | '&'
+                | '"'
+                | '\''
+        ) {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
+}
+
 fn one_line(s: &str) -> String {
     s.split_whitespace().collect::<Vec<_>>().join(" ")
 }
@@ -377,6 +419,21 @@ pub(crate) fn format_rfc3339(ms: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn names_from_inputs_are_literal_markdown() {
+        assert_eq!(
+            escape("<script>alert(1)</script>"),
+            "\\<script\\>alert\\(1\\)\\</script\\>"
+        );
+        assert_eq!(
+            escape("*[x](javascript:y)*"),
+            "\\*\\[x\\]\\(javascript:y\\)\\*"
+        );
+        assert_eq!(escape("Zoë, 49"), "Zoë, 49");
+        // Every character is escaped on its own: nothing a name holds can close an escape.
+        assert_eq!(escape("\\<"), "\\\\\\<");
+    }
 
     #[test]
     fn generated_headings_nest_under_the_section() {

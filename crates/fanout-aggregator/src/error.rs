@@ -16,6 +16,10 @@ pub enum Error {
     /// lane).
     #[error("invalid report: {0}")]
     InvalidReport(String),
+    /// The idempotency key was used for another request (template, inputs, lane or callback)
+    /// of the same tenant: `report` is the report it made.
+    #[error("the idempotency key was used for another request (report `{report}`)")]
+    IdempotencyConflict { report: String },
     /// Something in Redis does not have the shape this code writes.
     #[error("corrupt report record `{report}`: {message}")]
     Corrupt { report: String, message: String },

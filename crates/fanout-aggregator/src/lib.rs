@@ -6,7 +6,9 @@ mod error;
 mod keys;
 mod scripts;
 mod store;
+pub mod target;
 mod view;
+pub mod webhook;
 
 pub use aggregator::{AggregatorOptions, GROUP, OnFinished, run};
 pub use assemble::{render_json, render_markdown};
@@ -16,4 +18,4 @@ pub use store::{
     Created, EVENTS_MAXLEN, Format, JobContext, NOTIFY_MAXLEN, NewReport, Released, ReportEvent,
     SectionResult, StartOutcome, Started, Store,
 };
-pub use view::{ReportView, SectionView, Totals};
+pub use view::{ReportView, SectionView, Totals, WebhookState, WebhookStatus};

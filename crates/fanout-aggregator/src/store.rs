@@ -264,9 +264,9 @@ impl Store {
             inv.key(self.keys.idempotency(&r.tenant, key));
         }
         inv.arg(if r.idempotency_key.is_some() {
-            "1"
+            fingerprint(&r)
         } else {
-            "0"
+            "0".to_owned()
         })
         .arg(meta.len());
         for (k, v) in &meta {
@@ -302,6 +302,9 @@ impl Store {
                 report_id,
                 duplicate: false,
                 ready: parse_nodes(&reply[2..], &reply[1])?,
+            }),
+            Some("conflict") => Err(Error::IdempotencyConflict {
+                report: reply.get(1).cloned().unwrap_or_default(),
             }),
             Some("duplicate") => {
                 let report_id = reply
@@ -858,4 +861,17 @@ pub(crate) fn now_ms() -> u64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
+}
+/// What an idempotency key stands for: the template, the inputs, the lane and the callback. A
+/// second create with the key and another request is a conflict, not a duplicate. The inputs are
+/// a `serde_json::Value`, whose objects keep their keys sorted, so key order does not matter.
+fn fingerprint(r: &NewReport) -> String {
+    use sha2::{Digest, Sha256};
+    let request = serde_json::json!({
+        "template": r.template.name,
+        "inputs": r.inputs,
+        "lane": r.lane,
+        "callback_url": r.callback_url,
+    });
+    hex::encode(Sha256::digest(request.to_string().as_bytes()))
 }

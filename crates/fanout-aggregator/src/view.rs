@@ -29,9 +29,54 @@ pub struct ReportView {
     pub finished_at: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub callback_url: Option<String>,
+    /// The webhook to `callback_url`, once the report finished.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub webhook: Option<WebhookStatus>,
     /// In template order; items of a `for_each` section in input order.
     pub sections: Vec<SectionView>,
     pub totals: Totals,
+}
+
+/// Where a report's webhook stands.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct WebhookStatus {
+    pub state: WebhookState,
+    /// POSTs started so far.
+    pub attempts: u32,
+    /// When the next try is due (milliseconds since the Unix epoch), while retrying.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_attempt_at: Option<u64>,
+    /// Why the last try failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+}
+
+/// `pending` (due now), `retrying` (a try failed, the next is scheduled), `delivered`, or
+/// `dead` (given up on; an operator can redeliver it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum WebhookState {
+    Pending,
+    Retrying,
+    Delivered,
+    Dead,
+}
+
+impl WebhookState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Pending => "pending",
+            Self::Retrying => "retrying",
+            Self::Delivered => "delivered",
+            Self::Dead => "dead",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        [Self::Pending, Self::Retrying, Self::Delivered, Self::Dead]
+            .into_iter()
+            .find(|v| v.as_str() == s)
+    }
 }
 
 /// One job of a report.
@@ -132,7 +177,7 @@ pub(crate) fn item_label(
 }
 
 /// The record fields a view reads, in HMGET order.
-pub(crate) const META_FIELDS: [&str; 10] = [
+pub(crate) const META_FIELDS: [&str; 14] = [
     "id",
     "tenant",
     "name",
@@ -143,6 +188,10 @@ pub(crate) const META_FIELDS: [&str; 10] = [
     "finished_at",
     "callback_url",
     "layout",
+    "webhook_state",
+    "webhook_attempts",
+    "webhook_next_at",
+    "webhook_error",
 ];
 
 /// Raw Redis data of one report, as read by `Store::view`.
@@ -249,6 +298,14 @@ pub(crate) fn build(report: &str, raw: RawReport, now_ms: u64) -> Result<Option<
         created_at,
         finished_at,
         callback_url: field(8),
+        webhook: field(10)
+            .and_then(|s| WebhookState::parse(&s))
+            .map(|state| WebhookStatus {
+                state,
+                attempts: field(11).and_then(|v| v.parse().ok()).unwrap_or(0),
+                next_attempt_at: field(12).and_then(|v| v.parse().ok()),
+                last_error: field(13).filter(|e| !e.is_empty()),
+            }),
         sections,
         totals,
     }))

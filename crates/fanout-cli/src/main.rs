@@ -50,6 +50,9 @@ enum Command {
     Watch(report_cmds::WatchArgs),
     /// Print a report (partial while it runs) as Markdown or JSON.
     Report(report_cmds::ReportArgs),
+    /// Dead webhooks: list them, or send them again.
+    #[command(subcommand)]
+    Webhooks(WebhooksCommand),
     /// Run everything in one process on the simulated provider: a startup report and a
     /// 20-persona panel.
     Demo(demo::DemoArgs),
@@ -77,6 +80,26 @@ struct ApiArgs {
     /// Address to listen on (default: api.listen).
     #[arg(long, value_name = "ADDR")]
     listen: Option<SocketAddr>,
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum WebhooksCommand {
+    /// The most recent webhooks given up on, newest first, with their reasons.
+    Dead {
+        /// How many to list.
+        #[arg(long, default_value_t = 20)]
+        count: usize,
+    },
+    /// Send reports' webhooks again from their first attempt (a dead one, or one its receiver
+    /// lost).
+    Redeliver {
+        /// Report ids.
+        #[arg(required_unless_present = "all_dead", conflicts_with = "all_dead")]
+        reports: Vec<String>,
+        /// Every dead webhook.
+        #[arg(long)]
+        all_dead: bool,
+    },
 }
 
 #[derive(Debug, clap::Args)]
@@ -162,23 +185,6 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let ops_stop = CancellationToken::new();
             let ops = serve_ops(&config, args.metrics_addr, &ops_stop)?;
             let store = fanout_aggregator::Store::from_config(pool, &config);
-            // Webhooks leave the outbox the aggregator fills; on SIGTERM, POSTs in flight get
-            // the grace period, and whatever is left is claimed again after its lease.
-            use fanout_producer::api::webhook;
-            let targets = fanout_producer::WebhookTargets::new(&config.webhooks.allow_hosts)
-                .map_err(|e| anyhow::anyhow!("config key `webhooks.allow_hosts`: {e}"))?;
-            let webhooks = webhook::Webhooks::new(
-                webhook::WebhookOptions {
-                    targets: std::sync::Arc::new(targets),
-                    ..webhook::WebhookOptions::from_env(&std::env::vars().collect())
-                },
-                &store,
-            )?;
-            let grace = Duration::from_secs(config.worker.grace_secs);
-            let delivering = tokio::spawn({
-                let shutdown = shutdown.clone();
-                async move { webhooks.run(shutdown, grace).await }
-            });
             let options = fanout_aggregator::AggregatorOptions {
                 on_finished: Some(Arc::new(move |view: fanout_aggregator::ReportView| {
                     let m = &fanout_metrics::METRICS;
@@ -191,15 +197,39 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 })),
                 ..Default::default()
             };
-            tracing::info!("aggregator started");
-            let result = fanout_aggregator::run(store, options, shutdown.clone()).await;
-            shutdown.cancel();
-            delivering.await?;
+            let webhooks = fanout_aggregator::webhook::WebhookOptions::from_config(
+                &config.webhooks,
+                &std::env::vars().collect(),
+            )
+            .map_err(anyhow::Error::msg)?;
+            let grace = Duration::from_secs(config.worker.grace_secs);
+            let result = fanout_aggregator::webhook::serve(
+                store,
+                options,
+                webhooks,
+                grace,
+                shutdown.clone(),
+            )
+            .await;
             ops_stop.cancel();
             if let Some(ops) = ops {
                 ops.await??;
             }
             result?;
+        }
+        Command::Webhooks(command) => {
+            let config = load_config(config_path)?;
+            let pool = fanout_worker::redis_pool(&config)?;
+            let store = fanout_aggregator::Store::from_config(pool, &config);
+            let webhooks = fanout_aggregator::webhook::Webhooks::new(
+                fanout_aggregator::webhook::WebhookOptions::from_config(
+                    &config.webhooks,
+                    &std::collections::HashMap::new(),
+                )
+                .map_err(anyhow::Error::msg)?,
+                &store,
+            )?;
+            return webhooks_command(&webhooks, command).await;
         }
         Command::Submit(args) => {
             let config = load_config(config_path)?;
@@ -276,4 +306,48 @@ fn spawn_signal_handler(shutdown: CancellationToken) {
             shutdown.cancel();
         }
     });
+}
+
+async fn webhooks_command(
+    webhooks: &fanout_aggregator::webhook::Webhooks,
+    command: WebhooksCommand,
+) -> anyhow::Result<ExitCode> {
+    match command {
+        WebhooksCommand::Dead { count } => {
+            let dead = webhooks.dead(count).await?;
+            if dead.is_empty() {
+                println!("no dead webhooks");
+            }
+            for d in dead {
+                println!(
+                    "{}  attempts {}  {}\n    {}",
+                    d.report_id, d.attempts, d.url, d.reason
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        WebhooksCommand::Redeliver { reports, all_dead } => {
+            if all_dead {
+                let (queued, expired) = webhooks.redeliver_dead().await?;
+                println!("{queued} webhooks queued again; {expired} of expired reports left dead");
+                return Ok(ExitCode::SUCCESS);
+            }
+            let mut missing = 0;
+            for id in &reports {
+                if webhooks.redeliver(id).await? {
+                    println!("{id}: queued again");
+                } else {
+                    eprintln!(
+                        "{id}: not queued: the report is unknown or expired, or has no callback_url"
+                    );
+                    missing += 1;
+                }
+            }
+            Ok(if missing == 0 {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
+        }
+    }
 }

@@ -410,12 +410,33 @@ pub struct Config {
     pub prices: BTreeMap<String, Price>,
 }
 
-/// Where webhooks may go besides public addresses.
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
+/// Where webhooks may go besides public addresses, and how they are retried.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
 pub struct WebhooksConfig {
     /// Host names, IP addresses or CIDR ranges of internal receivers webhooks may reach.
     pub allow_hosts: Vec<String>,
+    /// Tries per webhook, the first included, before it is dead (and can be redelivered).
+    pub attempts: u32,
+    /// Wait before the second try; it doubles each try (75–100% of it, at random) up to
+    /// `max_delay_secs`. A receiver's `retry-after` wins (capped the same).
+    pub base_delay_secs: u64,
+    pub max_delay_secs: u64,
+    /// Timeout of one POST.
+    pub timeout_secs: u64,
+}
+
+impl Default for WebhooksConfig {
+    /// 20 tries from 5 s apart up to 3 h apart: about a day from the first to the last.
+    fn default() -> Self {
+        Self {
+            allow_hosts: Vec::new(),
+            attempts: 20,
+            base_delay_secs: 5,
+            max_delay_secs: 3 * 3600,
+            timeout_secs: 10,
+        }
+    }
 }
 
 /// The plain variables of the earlier Python tools, and the config key each one sets.
@@ -494,6 +515,19 @@ impl Config {
             ));
         }
         check_name("redis.namespace", &r.namespace)?;
+        let w = &raw.webhooks;
+        positive("webhooks.attempts", u64::from(w.attempts))?;
+        positive("webhooks.base_delay_secs", w.base_delay_secs)?;
+        positive("webhooks.timeout_secs", w.timeout_secs)?;
+        if w.max_delay_secs < w.base_delay_secs {
+            return Err(ConfigError::invalid(
+                "webhooks.max_delay_secs",
+                format!(
+                    "{} is below webhooks.base_delay_secs ({})",
+                    w.max_delay_secs, w.base_delay_secs
+                ),
+            ));
+        }
         positive("redis.pool_size", r.pool_size as u64)?;
         positive("redis.command_timeout_ms", r.command_timeout_ms)?;
 

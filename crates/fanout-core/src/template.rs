@@ -597,14 +597,56 @@ const BLANK: [char; 26] = [
     '\u{2009}', '\u{200a}', '\u{2028}', '\u{2029}', '\u{202f}', '\u{205f}', '\u{3000}', '\u{feff}',
 ];
 
+/// Characters that show nothing but are not White_Space: a name made only of them is blank too.
+const INVISIBLE: [char; 6] = [
+    '\u{ad}', '\u{180e}', '\u{200b}', '\u{200c}', '\u{200d}', '\u{2060}',
+];
+
 /// A JSON Schema `pattern` that a string matches exactly when it is not blank (see
 /// [`is_blank`]). It names the characters instead of using `\S`, whose meaning differs between
 /// regex dialects (ECMA-262 leaves out U+0085, Rust and Python do not).
-pub const NOT_BLANK_PATTERN: &str = "[^\\t\\n\\u000b\\f\\r \\u0085\\u00a0\\u1680\\u2000-\\u200a\\u2028\\u2029\\u202f\\u205f\\u3000\\ufeff]";
+pub const NOT_BLANK_PATTERN: &str = "[^\\t\\n\\u000b\\f\\r \\u0085\\u00a0\\u1680\\u2000-\\u200a\\u2028\\u2029\\u202f\\u205f\\u3000\\ufeff\\u00ad\\u180e\\u200b-\\u200d\\u2060]";
 
-/// Whether a required string input counts as missing: empty, or only [`BLANK`] characters.
+/// Whether a required string input counts as missing: empty, or only blank characters
+/// (Unicode's White_Space, the BOM, and invisible ones such as a zero-width space).
 pub fn is_blank(s: &str) -> bool {
-    s.chars().all(|c| BLANK.contains(&c))
+    s.chars()
+        .all(|c| BLANK.contains(&c) || INVISIBLE.contains(&c))
+}
+
+/// Whether no input text may carry `c`: C0 and C1 control characters (tab, newline and carriage
+/// return are allowed in `text` inputs, which are `multiline`), DEL, and the bidirectional
+/// embeddings, overrides and isolates (U+202A–U+202E, U+2066–U+2069), which make text read
+/// differently from what it is.
+pub fn is_forbidden_char(c: char, multiline: bool) -> bool {
+    match c {
+        '\t' | '\n' | '\r' => !multiline,
+        '\u{0}'..='\u{1f}' | '\u{7f}'..='\u{9f}' => true,
+        '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}' => true,
+        _ => false,
+    }
+}
+
+/// The characters of [`is_forbidden_char`], as the inside of a regex class (ECMA-262, Python and
+/// Rust read `\uXXXX` alike).
+fn forbidden_class(multiline: bool) -> &'static str {
+    if multiline {
+        "\\u0000-\\u0008\\u000b\\u000c\\u000e-\\u001f\\u007f-\\u009f\\u202a-\\u202e\\u2066-\\u2069"
+    } else {
+        "\\u0000-\\u001f\\u007f-\\u009f\\u202a-\\u202e\\u2066-\\u2069"
+    }
+}
+
+/// The JSON Schema `pattern` of a string input: no forbidden character, and when `required`
+/// at least one that is not blank. Exactly what [`Template::validate_inputs`] accepts.
+pub fn string_pattern(multiline: bool, required: bool) -> String {
+    let forbidden = forbidden_class(multiline);
+    if required {
+        let blank = &NOT_BLANK_PATTERN[2..NOT_BLANK_PATTERN.len() - 1];
+        format!("^[^{forbidden}]*[^{forbidden}{blank}][^{forbidden}]*$")
+    } else {
+        format!("^[^{forbidden}]*$")
+    }
 }
 
 fn check_value(path: &str, shape: Shape<'_>, v: &Value) -> Result<(), InputError> {
@@ -617,6 +659,31 @@ fn check_value(path: &str, shape: Shape<'_>, v: &Value) -> Result<(), InputError
     match shape.kind {
         InputKind::String | InputKind::Text => {
             let s = v.as_str().ok_or_else(mismatch)?;
+            let multiline = shape.kind == InputKind::Text;
+            if let Some((at, c)) = s
+                .chars()
+                .enumerate()
+                .find(|(_, c)| is_forbidden_char(*c, multiline))
+            {
+                let what = if ('\u{202a}'..='\u{2069}').contains(&c) {
+                    "a bidirectional text control"
+                } else {
+                    "a control character"
+                };
+                let allowed = if multiline {
+                    "text inputs allow tab and line breaks"
+                } else {
+                    "string inputs are one line: no tab or line break either"
+                };
+                return Err(InputError::new(
+                    path,
+                    format!(
+                        "contains {what} (U+{:04X}) at character {}; {allowed}",
+                        c as u32,
+                        at + 1
+                    ),
+                ));
+            }
             if shape.required && is_blank(s) {
                 return Err(InputError::new(path, "must not be empty"));
             }
@@ -914,7 +981,7 @@ prompt = "{{ inputs.idea }}"
         assert_eq!(check(json!({"idea": null})).field, "inputs.idea");
         assert_eq!(check(json!({"idea": "  "})).message, "must not be empty");
         assert_eq!(
-            check(json!({"idea": "\u{85}\u{feff}"})).message,
+            check(json!({"idea": "\u{a0}\u{feff}\u{200b}"})).message,
             "must not be empty"
         );
         let e = check(json!({"idea": 5}));
@@ -1210,6 +1277,116 @@ pub(crate) mod shipped {
     }
 
     #[test]
+    fn inputs_carry_no_control_or_bidi_characters_and_names_are_not_blank() {
+        let t = template("persona-panel");
+        let with = |name: &str, description: &str| {
+            let mut inputs = example("persona-panel");
+            inputs["personas"][1]["name"] = serde_json::json!(name);
+            inputs["personas"][1]["description"] = serde_json::json!(description);
+            inputs
+        };
+        for (name, description, field, words) in [
+            ("Ada\u{0}", "d", "inputs.personas[1].name", "U+0000"),
+            (
+                "\u{1b}[31mAda",
+                "d",
+                "inputs.personas[1].name",
+                "control character (U+001B) at character 1",
+            ),
+            ("Ada\u{7}", "d", "inputs.personas[1].name", "U+0007"),
+            ("Ada\u{85}", "d", "inputs.personas[1].name", "U+0085"),
+            ("Ada\nLovelace", "d", "inputs.personas[1].name", "one line"),
+            ("Ada\tLovelace", "d", "inputs.personas[1].name", "one line"),
+            (
+                "\u{202e}ecalevoL",
+                "d",
+                "inputs.personas[1].name",
+                "bidirectional",
+            ),
+            (
+                "Ada",
+                "a\u{2066}b",
+                "inputs.personas[1].description",
+                "U+2066",
+            ),
+            (
+                "Ada",
+                "a\u{1b}b",
+                "inputs.personas[1].description",
+                "U+001B",
+            ),
+            (
+                "\u{200b}",
+                "d",
+                "inputs.personas[1].name",
+                "must not be empty",
+            ),
+            (
+                " \u{feff}\u{2060} ",
+                "d",
+                "inputs.personas[1].name",
+                "must not be empty",
+            ),
+        ] {
+            let e = t.validate_inputs(&with(name, description)).unwrap_err();
+            assert_eq!(e.field, field, "{name:?}");
+            assert!(e.message.contains(words), "{name:?}: {}", e.message);
+        }
+        // Text keeps its lines and tabs; names keep any script, and marks like U+200E.
+        t.validate_inputs(&with(
+            "Zoë \u{5e9}\u{5dc}\u{5d5}\u{5dd}\u{200e}",
+            "a\n\tb\r\nc",
+        ))
+        .unwrap();
+        // `<script>` is text like any other: refused nowhere, escaped where it is rendered.
+        t.validate_inputs(&with("<script>alert(1)</script>", "*x*"))
+            .unwrap();
+    }
+
+    #[test]
+    fn the_schema_patterns_accept_exactly_what_validation_accepts() {
+        let samples = [
+            "",
+            " ",
+            "a",
+            "Ada Lovelace",
+            "a\nb",
+            "a\tb",
+            "a\r\nb",
+            "\u{0}",
+            "a\u{1b}",
+            "\u{7f}",
+            "\u{85}",
+            "\u{9f}x",
+            "\u{a0}",
+            "x\u{202a}",
+            "\u{202e}",
+            "\u{2066}y",
+            "\u{2069}",
+            "\u{200b}",
+            "\u{200e}a",
+            "\u{feff}",
+            "日本",
+            "<b>",
+            "\u{3000}z",
+        ];
+        for multiline in [false, true] {
+            for required in [false, true] {
+                let re = regex::Regex::new(&string_pattern(multiline, required)).unwrap();
+                for s in samples {
+                    let forbidden = s.chars().any(|c| is_forbidden_char(c, multiline));
+                    let valid = !(forbidden || required && is_blank(s));
+                    assert_eq!(
+                        re.is_match(s),
+                        valid,
+                        "{s:?} multiline={multiline} required={required}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
     fn blank_is_unicode_white_space_and_the_bom_and_the_pattern_names_the_same() {
         let expected: Vec<char> = (0..=0x10FFFF_u32)
             .filter_map(char::from_u32)
@@ -1218,8 +1395,11 @@ pub(crate) mod shipped {
         let mut blank = BLANK.to_vec();
         blank.sort_unstable();
         assert_eq!(blank, expected);
-        assert!(is_blank("") && is_blank(" \t\u{85}\u{3000}"));
-        assert!(!is_blank("\u{1c}") && !is_blank("\u{200b}") && !is_blank(" a "));
+        let mut expected = expected;
+        expected.extend(INVISIBLE);
+        expected.sort_unstable();
+        assert!(is_blank("") && is_blank(" \t\u{85}\u{3000}") && is_blank("\u{200b}"));
+        assert!(!is_blank("\u{1c}") && !is_blank(" a "));
         // The pattern's class, read back: every escape names a BLANK char, ranges included.
         let class = NOT_BLANK_PATTERN
             .strip_prefix("[^")

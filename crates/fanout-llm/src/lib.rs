@@ -2,6 +2,7 @@
 
 mod bpe;
 mod cache;
+mod calibrate;
 mod client;
 mod cost;
 mod error;
@@ -10,6 +11,7 @@ mod retry;
 mod tokens;
 
 pub use cache::{CacheKeys, CacheStats, ResponseCache, request_hash};
+pub use calibrate::{Estimate, PromptCalibration, Ratios};
 pub use client::{ChatRequest, ChatResponse, LlmClient};
 pub use cost::{CostTable, cost};
 pub use error::{CallError, ErrorKind};

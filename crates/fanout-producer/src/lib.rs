@@ -2,13 +2,13 @@
 
 pub mod api;
 pub mod client;
-pub mod target;
 mod templates;
 
 pub use templates::{ResolveError, Templates};
 
 use std::sync::Arc;
 
+pub use fanout_aggregator::target;
 use fanout_aggregator::{NewReport, Store};
 use fanout_core::job::SectionJob;
 use fanout_core::report::Lane;
@@ -53,6 +53,11 @@ pub enum SubmitError {
     Input(InputError),
     #[error("field `{field}`: {message}")]
     Field { field: String, message: String },
+    /// The idempotency key made report `report` from another request.
+    #[error(
+        "idempotency_key: this key was used for a different request (report `{report}`); a key stands for one request (template, inputs, lane, callback_url): use a new key for a new request"
+    )]
+    IdempotencyConflict { report: String },
     #[error("redis is unavailable: {0}")]
     Unavailable(String),
 }
@@ -64,6 +69,7 @@ impl SubmitError {
             Self::Template(_) => Some("template".into()),
             Self::Input(e) => Some(e.field.clone()),
             Self::Field { field, .. } => Some(field.clone()),
+            Self::IdempotencyConflict { .. } => Some("idempotency_key".into()),
             Self::Unavailable(_) => None,
         }
     }
@@ -154,7 +160,12 @@ impl Producer {
                 callback_url,
             })
             .await
-            .map_err(|e| SubmitError::Unavailable(e.to_string()))?;
+            .map_err(|e| match e {
+                fanout_aggregator::Error::IdempotencyConflict { report } => {
+                    SubmitError::IdempotencyConflict { report }
+                }
+                e => SubmitError::Unavailable(e.to_string()),
+            })?;
         let queue_lane = queue_lane(lane);
         let new_jobs: Vec<NewJob> = created
             .ready

@@ -283,12 +283,36 @@ async fn a_report_flows_from_submit_through_live_events_to_its_documents() -> Re
     assert_eq!(headers["location"], format!("/v1/reports/{id}").as_str());
 
     // The same idempotency key: 200, the same report.
-    let (status, _, again) = s.call(post, "/v1/reports", Some(ACME), Some(&body)).await?;
+    let (status, _, again) = s
+        .call(post.clone(), "/v1/reports", Some(ACME), Some(&body))
+        .await?;
     assert_eq!(status, StatusCode::OK, "{again}");
     assert_eq!(
         (again["id"].as_str(), again["duplicate"].as_bool()),
         (Some(id.as_str()), Some(true))
     );
+    // The same key for another request: 409 naming the key, and nothing new.
+    let mut other_inputs = body.clone();
+    other_inputs["inputs"]["content"] = json!("another text");
+    let mut other_lane = body.clone();
+    other_lane["lane"] = json!("batch");
+    let mut other_template = json!({
+        "template": "startup-report",
+        "inputs": {"idea": "A bakery"},
+    });
+    other_template["idempotency_key"] = body["idempotency_key"].clone();
+    for other in [other_inputs, other_lane, other_template] {
+        let (status, _, err) = s
+            .call(post.clone(), "/v1/reports", Some(ACME), Some(&other))
+            .await?;
+        assert_eq!(status, StatusCode::CONFLICT, "{other} → {err}");
+        let (code, field, message) = error_of(&err);
+        assert_eq!(
+            (code, field),
+            ("idempotency_key_reused", Some("idempotency_key"))
+        );
+        assert!(message.contains(&id), "{message}");
+    }
 
     // Live events until the end, through the client.
     let client = FanoutClient::new(&s.base, Some(ACME.into()));
@@ -744,6 +768,27 @@ async fn every_error_is_json_naming_the_problem() -> Result<()> {
         "{err}"
     );
 
+    // Only an object is a request (serde would make a struct of an array of its fields), and no
+    // message names a Rust type.
+    for body in [
+        r#"["persona-panel", {"content": "x", "personas": []}]"#,
+        "[]",
+        "42",
+    ] {
+        let (status, _, err) = s.raw(post_json(body)).await?;
+        assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body} → {err}");
+        let (code, _, message) = error_of(&err);
+        assert_eq!(code, "invalid_request");
+        assert!(message.contains("JSON object"), "{message}");
+    }
+    let (_, _, err) = s
+        .raw(post_json(
+            r#"{"template": "persona-panel", "inputs": {}, "lane": 7}"#,
+        ))
+        .await?;
+    assert!(!err.to_string().contains("struct"), "{err}");
+    assert_eq!(error_of(&err).1, Some("lane"), "{err}");
+
     // Not JSON.
     for content_type in [
         Some("text/plain"),
@@ -802,8 +847,8 @@ async fn every_error_is_json_naming_the_problem() -> Result<()> {
         )
         .await?;
     assert_eq!(
-        (status, error_of(&err).0),
-        (StatusCode::BAD_REQUEST, "invalid_query"),
+        (status, error_of(&err).0, error_of(&err).1),
+        (StatusCode::BAD_REQUEST, "invalid_query", Some("format")),
         "{err}"
     );
     let (status, _, err) = s
@@ -1159,7 +1204,8 @@ async fn a_finished_report_is_posted_to_its_callback_signed_and_retried() -> Res
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_webhook_outlives_its_deliverer_and_a_refused_one_is_kept_with_its_reason() -> Result<()>
 {
-    // `/slow` never answers its first POST; `/gone` refuses every POST.
+    // `/slow` never answers its first POST; `/gone` refuses every POST until it is `back`.
+    let back = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let slow_calls = Arc::new(AtomicUsize::new(0));
     let attempts_seen = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
     let receiver = axum::Router::new()
@@ -1184,7 +1230,22 @@ async fn a_webhook_outlives_its_deliverer_and_a_refused_one_is_kept_with_its_rea
                 }
             }),
         )
-        .route("/gone", axum::routing::post(|| async { StatusCode::GONE }));
+        .route(
+            "/gone",
+            axum::routing::post({
+                let back = back.clone();
+                move || {
+                    let back = back.clone();
+                    async move {
+                        if back.load(Ordering::SeqCst) {
+                            StatusCode::OK
+                        } else {
+                            StatusCode::GONE
+                        }
+                    }
+                }
+            }),
+        );
     let receiver = Receiver::start(receiver).await?;
     let base = receiver.base.clone();
 
@@ -1257,6 +1318,40 @@ async fn a_webhook_outlives_its_deliverer_and_a_refused_one_is_kept_with_its_rea
     assert_eq!(dead[0].attempts, 1);
     assert!(dead[0].reason.contains("410"), "{}", dead[0].reason);
     assert!(dead.iter().all(|d| d.report_id != slow));
+
+    // Each report shows where its webhook stands.
+    let stack = &s;
+    let view = |id: &str| {
+        let path = format!("/v1/reports/{id}");
+        async move {
+            let (_, _, v) = stack.call(reqwest::Method::GET, &path, None, None).await?;
+            anyhow::Ok(v)
+        }
+    };
+    let slow_view = view(slow).await?;
+    assert_eq!(slow_view["webhook"]["state"], "delivered", "{slow_view}");
+    assert_eq!(slow_view["webhook"]["attempts"], 2);
+    let gone_view = view(gone).await?;
+    assert_eq!(gone_view["webhook"]["state"], "dead", "{gone_view}");
+    assert_eq!(gone_view["webhook"]["attempts"], 1);
+    let error = gone_view["webhook"]["last_error"].as_str().unwrap_or("");
+    assert!(error.contains("410"), "{gone_view}");
+
+    // The receiver is back: the dead webhook is sent again, from its first attempt.
+    back.store(true, Ordering::SeqCst);
+    assert!(second.redeliver(gone).await?);
+    assert!(!second.redeliver("no-such-report").await?);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let v = view(gone).await?;
+        if v["webhook"]["state"] == "delivered" {
+            assert_eq!(v["webhook"]["attempts"], 1, "{v}");
+            break;
+        }
+        ensure!(Instant::now() < deadline, "not redelivered: {v}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(second.dead(10).await?.is_empty(), "its dead entry went");
 
     second_run.stop().await?;
     s.shutdown().await;

@@ -10,8 +10,12 @@
 --     tat + weight <= t + burst + late
 -- and taking it sets tat = max(tat, t - max(weight - burst, 0) - late) + weight (an idle budget
 -- credits a cost its own weight beyond the burst, never more). So a provider window of W seconds,
--- sliding or fixed, holds at most r × (W + burst + 2 × late) of ours, whatever the sizes of the
--- requests (a big one waits for its own weight first; the throughput is the same). `late` lets
+-- sliding or fixed, holds at most r × (W + burst + 2 × late) of ours plus the weight of the first
+-- request in it, whose payment began before the window did (a big one waits for its own weight
+-- first; the throughput is the same). That first request is bounded too: a token cost far above
+-- the typical one (twice the running average of the budget's costs, or the headroom of a 2 s
+-- window if more) pays the excess again after it goes, so nothing that follows can share a short
+-- window with it; only outliers such as a panel's summary pay this. `late` lets
 -- an admission run a few ms ahead of its schedule, so a waiter that wakes a little late loses
 -- nothing; `headroom` covers it together with the jitter between our clock and the provider's.
 --
@@ -29,7 +33,8 @@
 -- KEYS[2]  waiting room ZSET: waiter id -> order score (lowest first)
 -- KEYS[3]  waiter expiry ZSET: waiter id -> expiry (ms)
 -- KEYS[4]  waiter cost HASH: waiter id -> estimated tokens
--- KEYS[5 .. 4+n]     one bucket HASH per API key of the family: rtat, ttat (ms), paused (ms)
+-- KEYS[5 .. 4+n]     one bucket HASH per API key of the family: rtat, ttat (ms), paused (ms),
+--                    tt (running average of the token costs admitted)
 -- KEYS[5+n .. 4+2n]  one limits HASH per API key of the family (see limits.lua)
 -- ARGV[1]  waiter id (the lease id once admitted)
 -- ARGV[2]  order score
@@ -51,7 +56,8 @@
 -- ARGV[18] lateness allowance (ms): how far ahead of its schedule an admission may run
 -- ARGV[19] how long a probe holds the others back at most (ms): a probe that has not answered
 --          by then (a slow or hung call) lets another one go
--- Returns: {1, key index (1-based), now ms (string), probe (0/1)} when admitted, or
+-- Returns: {1, key index (1-based), now ms (string), probe (0/1), after-charge ms (string)} when
+--          admitted, or
 --          {0, wait ms, reason ("budget" | "paused" | "concurrency" | "learning"), now ms (string)},
 --          or {2, tokens per minute (string)} when the request is larger than a minute of every
 --          key's token limit
@@ -113,13 +119,14 @@ if rank >= free then
 end
 
 local n = (#KEYS - 4) / 2
-local rtat, ttat, paused, real_r, real_t = {}, {}, {}, {}, {}
+local rtat, ttat, paused, real_r, real_t, typical = {}, {}, {}, {}, {}, {}
 local req_weight, tok_per_ms, probing, probe_busy, base_t = {}, {}, {}, {}, {}
 for i = 1, n do
-  local v = redis.call('HMGET', KEYS[4 + i], 'rtat', 'ttat', 'paused')
+  local v = redis.call('HMGET', KEYS[4 + i], 'rtat', 'ttat', 'paused', 'tt')
   rtat[i] = tonumber(v[1]) or 0
   ttat[i] = tonumber(v[2]) or 0
   paused[i] = tonumber(v[3]) or 0
+  typical[i] = tonumber(v[4])
   real_r[i], real_t[i] = rtat[i], ttat[i]
   local s = limits_of(KEYS[4 + n + i], now, start_r, start_t, cap_r, cap_t, learn, quiet, recovery)
   req_weight[i] = 60000 / (s.eff[1] * pace)
@@ -163,12 +170,30 @@ local function charged(tat, t, weight)
   return math.max(tat, t - math.max(weight - burst, 0) - late) + weight
 end
 
+-- The same for a token cost on key k: an outlier also pays, after it, what it weighs beyond twice
+-- the typical cost (or the headroom of a 2 s window, if more).
+local outlier_floor = (1 - pace) * 2000
+local function after_charge(k, weight)
+  local usual = outlier_floor
+  if typical[k] then
+    usual = math.max(usual, 2 * typical[k] / tok_per_ms[k])
+  end
+  return math.max(0, weight - usual)
+end
+
+local function charged_tokens(k, tat, t, weight)
+  return charged(tat, t, weight) + after_charge(k, weight)
+end
+
 -- Admitted on key k: charge its real state (not a simulated one), take a lease, leave the room.
 local function admit(k, tok_weight, probe)
   local bucket = KEYS[4 + k]
   local new_r = charged(real_r[k], now, req_weight[k])
-  local new_t = charged(real_t[k], now, tok_weight)
-  redis.call('HSET', bucket, 'rtat', string.format('%.3f', new_r), 'ttat', string.format('%.3f', new_t))
+  local new_t = charged_tokens(k, real_t[k], now, tok_weight)
+  local tokens = tok_weight * tok_per_ms[k]
+  local tt = typical[k] and typical[k] + (tokens - typical[k]) * 0.05 or tokens
+  redis.call('HSET', bucket, 'rtat', string.format('%.3f', new_r), 'ttat', string.format('%.3f', new_t),
+    'tt', string.format('%.1f', tt))
   local idle_after = math.max(new_r, new_t, paused[k]) - now
   redis.call('PEXPIRE', bucket, math.ceil(idle_after + 60000))
   redis.call('ZADD', leases, now + lease_ms, me)
@@ -185,7 +210,7 @@ local function admit(k, tok_weight, probe)
       redis.call('PEXPIRE', lkey, lease_ms)
     end
   end
-  return {1, k, string.format('%.3f', now), probe and 1 or 0}
+  return {1, k, string.format('%.3f', now), probe and 1 or 0, string.format('%.3f', after_charge(k, tok_weight))}
 end
 
 -- Limits not known on some key: the first caller to come, whatever its place, is the probe.
@@ -240,7 +265,7 @@ if rank > 0 then
       local wake = (tonumber(wakes[j]) or 0) - grace
       if wake <= math.max(at, now) + late then
         rtat[k] = charged(rtat[k], at, req_weight[k])
-        ttat[k] = charged(ttat[k], at, tok_weight)
+        ttat[k] = charged_tokens(k, ttat[k], at, tok_weight)
         played = played + math.max(req_weight[k], tok_weight)
       end
     end

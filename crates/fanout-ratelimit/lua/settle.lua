@@ -5,7 +5,7 @@
 -- A refund of unused tokens moves the token TAT back by the refund's weight, never before now
 -- (the bucket never holds more than its burst); an extra charge moves it forward by its weight
 -- (debt that later requests wait out, as the provider will make them); a refused call gives back
--- all it took.
+-- all it took (an outlier's after-charge included).
 --
 -- KEYS[1]  leases ZSET: lease id -> expiry (ms)
 -- KEYS[2]  bucket HASH of the (key, family) that admitted the request: rtat, ttat, paused
@@ -18,6 +18,7 @@
 -- ARGV[9]  adaptive quiet period (ms)
 -- ARGV[10] adaptive recovery time (ms)
 -- ARGV[11] headroom
+-- ARGV[12] a refused call's after-charge to give back (ms; acquire's reply), else 0
 -- Weights are at the current effective limits (after the probe that was this call, they are
 -- the learnt ones: the schedule was rescaled to them).
 -- Returns: 1 if the lease was released by this call (and the difference applied), else 0
@@ -57,7 +58,8 @@ if delta ~= 0 then
     -- idle budget, its schedule in the past, has room for it already).
     new_t = ttat + weight
   elseif refused then
-    new_t = ttat + weight
+    -- Also what an outlier paid after it (see acquire.lua).
+    new_t = ttat + weight - tonumber(ARGV[12])
   elseif ttat > now then
     new_t = math.max(ttat + weight, now)
   end

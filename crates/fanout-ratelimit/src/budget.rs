@@ -220,6 +220,9 @@ struct Lease {
     budget: Arc<Inner>,
     bucket_key: String,
     limits_key: String,
+    /// What the admission charged after the request besides its weight (ms of budget; an
+    /// outlier's, see acquire.lua): a refusal gives it back too.
+    after_ms: f64,
 }
 
 impl std::fmt::Debug for Lease {
@@ -264,6 +267,7 @@ enum Reply {
         key_index: usize,
         now_ms: f64,
         probe: bool,
+        after_ms: f64,
     },
     Wait {
         wait: Duration,
@@ -403,6 +407,7 @@ impl Budget {
                     key_index,
                     now_ms,
                     probe,
+                    after_ms,
                 } => {
                     waiter.armed = false;
                     let waited = started.elapsed();
@@ -423,6 +428,7 @@ impl Budget {
                             budget: self.inner.clone(),
                             bucket_key: bucket_keys[key_index].clone(),
                             limits_key: limit_keys[key_index].clone(),
+                            after_ms,
                         }),
                         probe,
                         key,
@@ -584,7 +590,8 @@ impl Budget {
             inner.config.caps_for(&admission.family),
         );
         adaptive_args(&mut inv, &inner.config);
-        inv.arg(inner.config.headroom);
+        inv.arg(inner.config.headroom)
+            .arg(if refused { lease.after_ms } else { 0.0 });
         let result = inner.redis.run(&inv).await;
         if result.is_ok() {
             // Released: the drop must not release it again.
@@ -876,10 +883,12 @@ fn parse_acquire(v: Value) -> Result<Reply> {
             let index = items.get(1).and_then(int).ok_or_else(|| bad("key index"))?;
             let now_ms = items.get(2).and_then(float).ok_or_else(|| bad("now"))?;
             let probe = items.get(3).and_then(int) == Some(1);
+            let after_ms = items.get(4).and_then(float).unwrap_or(0.0);
             Ok(Reply::Admitted {
                 key_index: usize::try_from(index - 1).map_err(|_| bad("key index"))?,
                 now_ms,
                 probe,
+                after_ms,
             })
         }
         Some(0) => {

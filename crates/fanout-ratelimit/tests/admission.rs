@@ -515,3 +515,48 @@ async fn a_tenant_with_a_share_stays_within_it_and_others_take_the_rest() {
     let excess = worst_excess(&all, rpm, (burst + 2.0 * LATENESS_SECS) * rpm as f64 / 60.0);
     assert!(excess <= 0.05, "over the budget by {excess} requests");
 }
+
+/// A request far above the typical one (a panel's summary after its personas) pays its excess
+/// again after it goes: nothing can share a short window with it. Typical ones pay only their
+/// own weight, before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outlier_holds_the_budget_after_it_too() {
+    let redis = RedisServer::start();
+    // 600,000 TPM: 10 tokens a millisecond. Requests do not bind.
+    let b = budget(&redis.url(), config(1_000_000, 600_000, 0.0, 100), &["k"]);
+    let wait = Duration::from_secs(10);
+    let mut last = None;
+    for _ in 0..5 {
+        let a = b
+            .acquire(b.request(MODEL, 100).with_max_wait(wait))
+            .await
+            .unwrap();
+        last = Some(a.admitted_at_ms);
+        b.settle(a, Some(100)).await.unwrap();
+    }
+    // 20,000 tokens: 2 s of budget, paid before it goes.
+    let big = b
+        .acquire(b.request(MODEL, 20_000).with_max_wait(wait))
+        .await
+        .unwrap();
+    assert!(big.admitted_at_ms >= last.unwrap() + 1_900, "paid before");
+    let at = big.admitted_at_ms;
+    b.settle(big, Some(20_000)).await.unwrap();
+    // The next typical one waits out most of it again (all but twice the typical cost).
+    let next = b
+        .acquire(b.request(MODEL, 100).with_max_wait(wait))
+        .await
+        .unwrap();
+    let after = next.admitted_at_ms - at;
+    assert!(after >= 1_500, "went {after} ms after the outlier");
+    let next_at = next.admitted_at_ms;
+    b.settle(next, Some(100)).await.unwrap();
+    // Typical ones follow each other at their own weight.
+    let again = b
+        .acquire(b.request(MODEL, 100).with_max_wait(wait))
+        .await
+        .unwrap();
+    let gap = again.admitted_at_ms - next_at;
+    assert!(gap < 200, "{gap} ms");
+    b.settle(again, Some(100)).await.unwrap();
+}

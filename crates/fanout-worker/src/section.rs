@@ -6,7 +6,9 @@ use std::time::{Duration, Instant};
 use fanout_aggregator::{Released, SectionResult, StartOutcome, Started, Store};
 use fanout_core::Config;
 use fanout_core::job::SectionJob;
-use fanout_llm::{CallError, ChatRequest, ChatResponse, LlmClient, ResponseCache, RetryPolicy};
+use fanout_llm::{
+    CallError, ChatRequest, ChatResponse, LlmClient, PromptCalibration, ResponseCache, RetryPolicy,
+};
 use fanout_metrics::METRICS;
 use fanout_queue::{Delivery, Handler, NewJob, Outcome, Queue};
 use fanout_ratelimit::{AcquireRequest, Admission, Budget, Dimension, ProviderSignal};
@@ -21,6 +23,8 @@ pub struct WorkerDeps {
     pub store: Store,
     pub llm: Arc<LlmClient>,
     pub cache: Arc<ResponseCache>,
+    /// How the provider counts prompts against our tokenizer, learnt from its answers.
+    pub prompts: Arc<PromptCalibration>,
 }
 
 impl WorkerDeps {
@@ -53,6 +57,7 @@ impl WorkerDeps {
                 ns,
                 Duration::from_secs(config.cache.ttl_secs),
             )),
+            prompts: Arc::new(PromptCalibration::new()),
             config,
         })
     }
@@ -243,7 +248,8 @@ impl SectionHandler {
             METRICS.cache_requests.with_label_values(&["miss"]).inc();
         }
 
-        let estimate = fanout_llm::estimate_tokens(&req);
+        let counted = self.deps.prompts.estimate(&req);
+        let estimate = counted.tokens;
         let max_attempts = self.deps.config.queue.max_attempts;
         let max_wait = Duration::from_secs(self.deps.config.budget.max_wait_secs);
         let mut attempt = 0u32;
@@ -303,6 +309,9 @@ impl SectionHandler {
             let elapsed = called.elapsed();
             match result {
                 Ok(resp) => {
+                    self.deps
+                        .prompts
+                        .observe(&req.model, &counted, resp.prompt_tokens);
                     // What the provider's limiter took: the prompt as it counted it, and all of
                     // max_tokens unless unused tokens are refunded (then what was generated).
                     // Settling to it corrects a prompt our estimate counted short.

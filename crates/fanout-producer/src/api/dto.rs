@@ -291,4 +291,16 @@ mod tests {
         assert_eq!(SubmitRequest::from(body.clone()).lane, Some(Lane::Batch));
         assert_eq!(body.template, "t");
     }
+
+    #[test]
+    fn the_api_schema_states_the_same_pattern() {
+        use utoipa::OpenApi as _;
+        let doc = serde_json::to_value(crate::api::openapi::ApiDoc::openapi()).unwrap();
+        let text = doc.to_string();
+        let quoted = serde_json::to_string(crate::target::CALLBACK_URL_PATTERN).unwrap();
+        assert!(
+            text.contains(&quoted),
+            "the schema's callback_url pattern differs"
+        );
+    }
 }

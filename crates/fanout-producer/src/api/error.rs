@@ -24,7 +24,8 @@ pub struct ErrorBody {
 pub struct ErrorDetail {
     /// A stable, machine-readable code: `malformed_json`, `invalid_request`, `invalid_input`,
     /// `unknown_template`, `invalid_query`, `unauthorized`, `not_found`, `method_not_allowed`,
-    /// `payload_too_large`, `unsupported_media_type`, `conflict`, `rate_limited`,
+    /// `payload_too_large`, `unsupported_media_type`, `conflict`, `idempotency_key_reused`,
+    /// `rate_limited`,
     /// `unavailable`, `internal`.
     #[schema(example = "invalid_input")]
     pub code: String,
@@ -173,6 +174,11 @@ impl From<SubmitError> for ApiError {
                 StatusCode::UNPROCESSABLE_ENTITY,
                 "invalid_request",
                 message.clone(),
+            ),
+            SubmitError::IdempotencyConflict { .. } => Self::new(
+                StatusCode::CONFLICT,
+                "idempotency_key_reused",
+                e.to_string(),
             ),
             SubmitError::Unavailable(detail) => return Self::unavailable(detail),
         };

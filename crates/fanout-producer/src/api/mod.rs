@@ -10,7 +10,7 @@ pub(crate) mod openapi;
 mod ratelimit;
 mod routes;
 mod sse;
-pub mod webhook;
+pub use fanout_aggregator::webhook;
 
 pub use auth::OPEN_TENANT;
 pub use dto::{

@@ -176,10 +176,14 @@ fn shape_schema(
     let mut s = match kind {
         InputKind::String | InputKind::Text => {
             let mut s = json!({ "type": "string" });
+            // No control or bidi characters (text keeps tab and line breaks) and, when
+            // required, not blank: what validation accepts.
+            s["pattern"] = Value::from(fanout_core::template::string_pattern(
+                kind == InputKind::Text,
+                required,
+            ));
             if required {
-                // Not blank: at least one character that is not whitespace.
                 s["minLength"] = Value::from(1);
-                s["pattern"] = Value::from(fanout_core::template::NOT_BLANK_PATTERN);
             }
             if let Some(max) = max_chars {
                 s["maxLength"] = Value::from(max);
@@ -353,7 +357,10 @@ mod tests {
         );
         let name = &inputs["properties"]["personas"]["items"]["properties"]["name"];
         assert_eq!(name["maxLength"], 120);
-        assert_eq!(name["pattern"], fanout_core::template::NOT_BLANK_PATTERN);
+        assert_eq!(
+            name["pattern"],
+            fanout_core::template::string_pattern(false, true)
+        );
         assert!(doc["components"]["securitySchemes"].get("bearer").is_some());
         assert!(
             doc["paths"]["/v1/reports"]["post"]

@@ -34,6 +34,7 @@ use super::extract::{ApiJson, ApiQuery, ReportId};
         (status = 400, description = "The body is not valid JSON (the message gives line and column).", body = ErrorBody),
         (status = 401, description = "Missing or invalid bearer token.", body = ErrorBody,
             headers(("www-authenticate" = String, description = "`Bearer realm=\"fanout\"`"))),
+        (status = 409, description = "`idempotency_key_reused`: the key made a report from a different request (template, inputs, lane or callback_url).", body = ErrorBody),
         (status = 413, description = "The body is larger than `api.max_body_bytes`.", body = ErrorBody),
         (status = 415, description = "The content type is not `application/json`.", body = ErrorBody),
         (status = 422, description = "A field is missing, has the wrong type or an invalid value; `field` names it (`template`, `inputs.personas[2].name`, …).", body = ErrorBody),

@@ -8,9 +8,12 @@
 //! crashes: it is delivered, retried, or given up on with a reason (the `webhooks:dead` stream),
 //! never dropped. A slow or dead receiver never blocks assembly.
 //!
-//! Each webhook is tried `attempts` times with exponential backoff and jitter (a receiver's
-//! `retry-after` wins); 2xx is delivered, 408/425/429/5xx and network errors are retried,
-//! other answers (including redirects, which are not followed) give up at once.
+//! Each webhook is tried `attempts` times with exponential backoff and jitter (by default 20
+//! tries over about a day; a receiver's `retry-after` wins); 2xx is delivered, 408/425/429/5xx
+//! and network errors are retried, other answers (including redirects, which are not followed)
+//! give up at once. The report shows where its webhook stands (`webhook`: state, attempts, next
+//! attempt, last error); a dead webhook can be sent again ([`Webhooks::redeliver`],
+//! `fanout webhooks redeliver`).
 //!
 //! Headers of each POST:
 //! - `X-Fanout-Signature: sha256=<hex HMAC-SHA256(secret, "<timestamp>.<body>")>` (when a
@@ -23,10 +26,11 @@
 use std::sync::{Arc, LazyLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use crate::{Keys, Store};
 use bytes::Bytes;
 use deadpool_redis::Pool;
-use fanout_aggregator::{Keys, Store};
 use fanout_core::Secret;
+use fanout_core::config::WebhooksConfig;
 use fanout_metrics::METRICS;
 use hmac::{Hmac, Mac};
 use rand::Rng;
@@ -39,6 +43,7 @@ use tracing::{Instrument, debug, info, warn};
 use url::Host;
 
 use crate::target::WebhookTargets;
+use crate::view::WebhookState;
 
 pub const SIGNATURE_HEADER: &str = "x-fanout-signature";
 pub const TIMESTAMP_HEADER: &str = "x-fanout-timestamp";
@@ -76,13 +81,15 @@ pub struct WebhookOptions {
 }
 
 impl Default for WebhookOptions {
+    /// The schedule of [`WebhooksConfig::default`]: about a day of tries.
     fn default() -> Self {
+        let c = WebhooksConfig::default();
         Self {
             secret: None,
-            attempts: 5,
-            base_delay: Duration::from_secs(1),
-            max_delay: Duration::from_secs(60),
-            timeout: Duration::from_secs(10),
+            attempts: c.attempts,
+            base_delay: Duration::from_secs(c.base_delay_secs),
+            max_delay: Duration::from_secs(c.max_delay_secs),
+            timeout: Duration::from_secs(c.timeout_secs),
             lease: Duration::from_secs(30),
             poll: Duration::from_millis(500),
             max_in_flight: 32,
@@ -92,6 +99,26 @@ impl Default for WebhookOptions {
 }
 
 impl WebhookOptions {
+    /// The options of `config` (schedule, timeout, allowed internal receivers), with the secret
+    /// from `FANOUT_WEBHOOK_SECRET` in `env`.
+    pub fn from_config(
+        config: &WebhooksConfig,
+        env: &std::collections::HashMap<String, String>,
+    ) -> Result<Self, String> {
+        let targets = WebhookTargets::new(&config.allow_hosts)
+            .map_err(|e| format!("config key `webhooks.allow_hosts`: {e}"))?;
+        Ok(Self {
+            attempts: config.attempts,
+            base_delay: Duration::from_secs(config.base_delay_secs),
+            max_delay: Duration::from_secs(config.max_delay_secs),
+            timeout: Duration::from_secs(config.timeout_secs),
+            // A POST may take its whole timeout: the lease outlasts it.
+            lease: Duration::from_secs(config.timeout_secs.saturating_mul(3).max(30)),
+            targets: Arc::new(targets),
+            ..Self::from_env(env)
+        })
+    }
+
     /// The defaults, with the secret from `FANOUT_WEBHOOK_SECRET` in `env` (the process
     /// environment in binaries, a map in tests).
     pub fn from_env(env: &std::collections::HashMap<String, String>) -> Self {
@@ -123,6 +150,37 @@ pub struct DeadWebhook {
     pub url: String,
     pub attempts: u32,
     pub reason: String,
+}
+
+/// The `fanout aggregator` process: assembles finished reports ([`crate::run`]) and delivers
+/// their webhooks until `shutdown`. On shutdown, POSTs in flight get `grace`; whatever is left is
+/// claimed again after its lease by another aggregator (or this one, restarted).
+pub async fn serve(
+    store: Store,
+    options: crate::AggregatorOptions,
+    webhooks: WebhookOptions,
+    grace: Duration,
+    shutdown: CancellationToken,
+) -> Result<(), ServeError> {
+    let webhooks = Webhooks::new(webhooks, &store)?;
+    let delivering = tokio::spawn({
+        let shutdown = shutdown.clone();
+        async move { webhooks.run(shutdown, grace).await }
+    });
+    let result = crate::run(store, options, shutdown.clone()).await;
+    // The aggregator stops only on shutdown or a fatal error: either way, deliveries stop too.
+    shutdown.cancel();
+    let _ = delivering.await;
+    Ok(result?)
+}
+
+/// Why [`serve`] stopped early.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error(transparent)]
+    Webhooks(#[from] WebhookError),
+    #[error(transparent)]
+    Aggregator(#[from] crate::Error),
 }
 
 /// The delivery side of webhooks: [`Webhooks::run`] drains the outbox the aggregator fills.
@@ -170,10 +228,29 @@ local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 return redis.call('ZADD', KEYS[1], 'XX', now + tonumber(ARGV[2]), ARGV[1])
 ";
 
+/// Records where a report's webhook stands on its record (only while the record exists):
+/// ARGV state, attempts, ms until the next try ("" = none), last error ("" = none).
+const STATUS: &str = r"
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  return 0
+end
+redis.call('HSET', KEYS[1], 'webhook_state', ARGV[1], 'webhook_attempts', ARGV[2], 'webhook_error', ARGV[4])
+if ARGV[3] == '' then
+  redis.call('HDEL', KEYS[1], 'webhook_next_at')
+else
+  local t = redis.call('TIME')
+  local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  redis.call('HSET', KEYS[1], 'webhook_next_at', now + tonumber(ARGV[3]))
+end
+return 1
+";
+static STATUS_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(STATUS));
+
 /// How a delivery ended for the outbox.
 enum Settle {
     Delivered,
-    Retry(Duration),
+    /// Again after this long; why this try failed.
+    Retry(Duration, String),
     Dead(String),
 }
 
@@ -288,18 +365,109 @@ impl Webhooks {
             .arg(count)
             .query_async(&mut conn)
             .await?;
+        Ok(reply.ids.iter().map(dead_webhook).collect())
+    }
+
+    /// Sends a report's webhook again, from its first attempt: a dead one, or a delivered one
+    /// its receiver lost. The report's entries in the dead stream go. False when the report is
+    /// unknown or expired, or has no `callback_url`.
+    pub async fn redeliver(&self, report_id: &str) -> Result<bool, WebhookError> {
+        let keys = &self.inner.keys;
+        let report = keys.report(report_id);
+        let mut conn = self.inner.pool.get().await?;
+        let (url, doc): (Option<String>, bool) = redis::pipe()
+            .cmd("HGET")
+            .arg(report.meta())
+            .arg("callback_url")
+            .cmd("EXISTS")
+            .arg(report.doc_json())
+            .query_async(&mut conn)
+            .await?;
+        let Some(url) = url.filter(|_| doc) else {
+            return Ok(false);
+        };
+        let _: i64 = STATUS_SCRIPT
+            .key(report.meta())
+            .arg(WebhookState::Pending.as_str())
+            .arg(0)
+            .arg("")
+            .arg("")
+            .invoke_async(&mut conn)
+            .await?;
+        let _: () = redis::pipe()
+            .atomic()
+            .cmd("HSET")
+            .arg(keys.webhooks_url())
+            .arg(report_id)
+            .arg(&url)
+            .ignore()
+            .cmd("HDEL")
+            .arg(keys.webhooks_attempts())
+            .arg(report_id)
+            .ignore()
+            .cmd("ZADD")
+            .arg(keys.webhooks_due())
+            .arg(0)
+            .arg(report_id)
+            .ignore()
+            .query_async(&mut conn)
+            .await?;
+        let dead = self.dead_entries(&mut conn).await?;
+        let ids: Vec<&str> = dead
+            .iter()
+            .filter(|(_, d)| d.report_id == report_id)
+            .map(|(id, _)| id.as_str())
+            .collect();
+        if !ids.is_empty() {
+            let _: i64 = redis::cmd("XDEL")
+                .arg(keys.webhooks_dead())
+                .arg(&ids)
+                .query_async(&mut conn)
+                .await?;
+        }
+        info!(report = %report_id, "webhook queued for redelivery");
+        Ok(true)
+    }
+
+    /// Sends every dead webhook again ([`Webhooks::redeliver`]). Returns how many were queued,
+    /// and how many could not be (their report expired): those stay in the dead stream.
+    pub async fn redeliver_dead(&self) -> Result<(usize, usize), WebhookError> {
+        let mut conn = self.inner.pool.get().await?;
+        let mut reports: Vec<String> = self
+            .dead_entries(&mut conn)
+            .await?
+            .into_iter()
+            .map(|(_, d)| d.report_id)
+            .collect();
+        drop(conn);
+        reports.sort();
+        reports.dedup();
+        let (mut queued, mut expired) = (0, 0);
+        for report in reports {
+            if self.redeliver(&report).await? {
+                queued += 1;
+            } else {
+                expired += 1;
+            }
+        }
+        Ok((queued, expired))
+    }
+
+    /// Every entry of the dead stream with its stream id, oldest first.
+    async fn dead_entries(
+        &self,
+        conn: &mut deadpool_redis::Connection,
+    ) -> Result<Vec<(String, DeadWebhook)>, WebhookError> {
+        let reply: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
+            .arg(self.inner.keys.webhooks_dead())
+            .arg("-")
+            .arg("+")
+            .query_async(conn)
+            .await?;
         Ok(reply
             .ids
             .into_iter()
-            .map(|e| {
-                let field = |name: &str| e.get::<String>(name).unwrap_or_default();
-                DeadWebhook {
-                    report_id: field("report"),
-                    url: field("url"),
-                    attempts: field("attempts").parse().unwrap_or(0),
-                    reason: field("reason"),
-                }
-            })
+            .map(|e| (e.id.clone(), dead_webhook(&e)))
             .collect())
     }
 
@@ -356,7 +524,9 @@ impl Webhooks {
                     Try::Retry(_, reason) if attempt >= attempts => {
                         Settle::Dead(format!("{attempts} attempts failed; the last: {reason}"))
                     }
-                    Try::Retry(hint, _) => Settle::Retry(backoff(&inner.options, attempt, hint)),
+                    Try::Retry(hint, reason) => {
+                        Settle::Retry(backoff(&inner.options, attempt, hint), reason)
+                    }
                     Try::GiveUp(reason) => Settle::Dead(reason),
                 }
             }
@@ -395,12 +565,25 @@ impl Webhooks {
         let mut conn = self.inner.pool.get().await?;
         let outcome = match &settle {
             Settle::Delivered => "delivered",
-            Settle::Retry(_) => "retried",
+            Settle::Retry(..) => "retried",
             Settle::Dead(_) => "dead",
         };
         METRICS.webhooks.with_label_values(&[outcome]).inc();
+        let (state, wait, error) = match &settle {
+            Settle::Delivered => (WebhookState::Delivered, None, ""),
+            Settle::Retry(wait, reason) => (WebhookState::Retrying, Some(*wait), reason.as_str()),
+            Settle::Dead(reason) => (WebhookState::Dead, None, reason.as_str()),
+        };
+        let _: i64 = STATUS_SCRIPT
+            .key(keys.report(report_id).meta())
+            .arg(state.as_str())
+            .arg(attempt)
+            .arg(wait.map_or(String::new(), |w| w.as_millis().to_string()))
+            .arg(error)
+            .invoke_async(&mut conn)
+            .await?;
         match settle {
-            Settle::Retry(wait) => {
+            Settle::Retry(wait, _) => {
                 debug!(wait_ms = wait.as_millis() as u64, "webhook will retry");
                 let _: i64 = RESCHEDULE_SCRIPT
                     .key(keys.webhooks_due())
@@ -446,6 +629,16 @@ impl Webhooks {
             }
         }
         Ok(())
+    }
+}
+
+fn dead_webhook(e: &redis::streams::StreamId) -> DeadWebhook {
+    let field = |name: &str| e.get::<String>(name).unwrap_or_default();
+    DeadWebhook {
+        report_id: field("report"),
+        url: field("url"),
+        attempts: field("attempts").parse().unwrap_or(0),
+        reason: field("reason"),
     }
 }
 
@@ -566,7 +759,7 @@ async fn try_once(inner: &Inner, url: &str, report_id: &str, body: &Bytes, attem
     }
 }
 
-/// Exponential backoff with jitter (half to all of the step); a receiver's hint wins, capped.
+/// Exponential backoff with jitter (75% to all of the step); a receiver's hint wins, capped.
 fn backoff(options: &WebhookOptions, attempt: u32, hint: Option<Duration>) -> Duration {
     if let Some(h) = hint {
         return h.min(options.max_delay);
@@ -575,7 +768,7 @@ fn backoff(options: &WebhookOptions, attempt: u32, hint: Option<Duration>) -> Du
         .base_delay
         .saturating_mul(1u32 << (attempt - 1).min(20))
         .min(options.max_delay);
-    let jitter = rand::rng().random_range(0.5..=1.0);
+    let jitter = rand::rng().random_range(0.75..=1.0);
     step.mul_f64(jitter)
 }
 
@@ -601,8 +794,8 @@ mod tests {
         let o = WebhookOptions::default();
         for attempt in 1..=4u32 {
             let d = backoff(&o, attempt, None);
-            let step = Duration::from_secs(1 << (attempt - 1));
-            assert!(d >= step / 2 && d <= step, "{attempt}: {d:?}");
+            let step = o.base_delay * (1 << (attempt - 1));
+            assert!(d >= step * 3 / 4 && d <= step, "{attempt}: {d:?}");
         }
         assert!(backoff(&o, 30, None) <= o.max_delay);
         assert_eq!(
@@ -610,9 +803,19 @@ mod tests {
             Duration::from_secs(7)
         );
         assert_eq!(
-            backoff(&o, 1, Some(Duration::from_secs(7_000))),
+            backoff(&o, 1, Some(Duration::from_secs(70_000))),
             o.max_delay
         );
+    }
+
+    #[test]
+    fn the_default_schedule_keeps_trying_for_about_a_day() {
+        let o = WebhookOptions::default();
+        for _ in 0..20 {
+            let span: Duration = (1..o.attempts).map(|a| backoff(&o, a, None)).sum();
+            let hours = span.as_secs_f64() / 3600.0;
+            assert!((18.0..=30.0).contains(&hours), "{hours} h");
+        }
     }
 
     #[test]

@@ -323,18 +323,6 @@ mod tests {
         }
     }
 
-    #[test]
-    fn the_api_schema_states_the_same_pattern() {
-        use utoipa::OpenApi as _;
-        let doc = serde_json::to_value(crate::api::openapi::ApiDoc::openapi()).unwrap();
-        let text = doc.to_string();
-        let quoted = serde_json::to_string(CALLBACK_URL_PATTERN).unwrap();
-        assert!(
-            text.contains(&quoted),
-            "the schema's callback_url pattern differs"
-        );
-    }
-
     #[tokio::test]
     async fn malformed_urls_user_info_and_other_schemes_are_refused() {
         let t = WebhookTargets::default();
