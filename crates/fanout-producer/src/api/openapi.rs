@@ -117,18 +117,25 @@ fn refine_submit_body(doc: &mut Value, templates: &Templates) {
     let Some(base) = doc.pointer("/components/schemas/SubmitBody").cloned() else {
         return;
     };
-    let mut components = Map::new();
+    // The derived schemas' names, which a template's may not take.
+    let mut components: Map<String, Value> = doc["components"]["schemas"]
+        .as_object()
+        .map(|m| m.keys().map(|k| (k.clone(), Value::Null)).collect())
+        .unwrap_or_default();
     let mut variants = Vec::new();
     let mut mapping = Map::new();
     for t in templates.iter() {
         let stem = pascal_case(&t.name);
-        let inputs_name = format!("{stem}Inputs");
+        let name = unique(&format!("Submit{stem}"), &components);
+        components.insert(name.clone(), Value::Null);
+        let inputs_name = unique(&format!("{stem}Inputs"), &components);
+        components.insert(inputs_name.clone(), Value::Null);
         let mut inputs = inputs_schema(t);
         name_objects(&mut inputs, &inputs_name, &mut components);
         components.insert(inputs_name.clone(), inputs);
 
         let mut v = base.clone();
-        v["title"] = Value::from(format!("Submit{stem}"));
+        v["title"] = Value::from(name.as_str());
         v["description"] = Value::from(format!("A `{}` report: {}", t.name, t.title));
         v["properties"]["template"] = json!({
             "type": "string",
@@ -136,7 +143,6 @@ fn refine_submit_body(doc: &mut Value, templates: &Templates) {
             "description": t.title,
         });
         v["properties"]["inputs"] = schema_ref(&inputs_name);
-        let name = format!("Submit{stem}");
         components.insert(name.clone(), v);
         mapping.insert(t.name.clone(), Value::from(ref_path(&name)));
         variants.push(schema_ref(&name));
@@ -153,8 +159,19 @@ fn refine_submit_body(doc: &mut Value, templates: &Templates) {
     let schemas = &mut doc["components"]["schemas"];
     schemas["SubmitBody"] = Value::Object(refined);
     for (name, schema) in components {
-        schemas[name.as_str()] = schema;
+        if !schema.is_null() {
+            schemas[name.as_str()] = schema;
+        }
     }
+}
+
+/// `name`, or `name2`, `name3`, … when `taken` has it (two templates whose names differ only
+/// in punctuation, or a template named like a derived schema).
+fn unique(name: &str, taken: &Map<String, Value>) -> String {
+    std::iter::once(name.to_owned())
+        .chain((2..).map(|n| format!("{name}{n}")))
+        .find(|n| !taken.contains_key(n))
+        .expect("an unused name")
 }
 
 fn ref_path(name: &str) -> String {
@@ -190,12 +207,13 @@ fn name_objects(schema: &mut Value, name: &str, components: &mut Map<String, Val
         return;
     };
     for (field, prop) in props.iter_mut() {
-        let stem = format!("{name}{}", pascal_case(field));
+        let stem = unique(&format!("{name}{}", pascal_case(field)), components);
         if is_named_object(prop) {
             let description = prop.as_object_mut().and_then(|o| o.remove("description"));
             let nullable = prop["type"].is_array();
             let mut object = prop.take();
             object["type"] = Value::from("object");
+            components.insert(stem.clone(), Value::Null);
             name_objects(&mut object, &stem, components);
             components.insert(stem.clone(), object);
             let mut r = if nullable {
@@ -210,8 +228,9 @@ fn name_objects(schema: &mut Value, name: &str, components: &mut Map<String, Val
         } else if let Some(items) = prop.get_mut("items")
             && is_named_object(items)
         {
-            let item_name = format!("{stem}Item");
+            let item_name = unique(&format!("{stem}Item"), components);
             let mut object = items.take();
+            components.insert(item_name.clone(), Value::Null);
             name_objects(&mut object, &item_name, components);
             components.insert(item_name.clone(), object);
             *items = schema_ref(&item_name);
@@ -485,6 +504,19 @@ mod tests {
                 "{at}.{field} is an inline object"
             );
         }
+    }
+
+    #[test]
+    fn component_names_are_pascal_case_and_unique() {
+        assert_eq!(pascal_case("persona-panel"), "PersonaPanel");
+        assert_eq!(pascal_case("founder_profile"), "FounderProfile");
+        assert_eq!(pascal_case("v2.report"), "V2Report");
+        let taken: Map<String, Value> = [("SubmitBody", Value::Null), ("SubmitBody2", Value::Null)]
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), v))
+            .collect();
+        assert_eq!(unique("SubmitBody", &taken), "SubmitBody3");
+        assert_eq!(unique("SubmitPanel", &taken), "SubmitPanel");
     }
 
     #[test]
