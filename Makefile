@@ -3,10 +3,10 @@ SHELL := /bin/bash
 CARGO ?= cargo
 BIN := $(or $(CARGO_TARGET_DIR),target)/release/fanout
 
-.PHONY: help deps build demo test lint api-fuzz fmt clippy bench sim clean
+.PHONY: help deps build demo test lint api-fuzz api-clients fmt clippy bench sim clean
 
 help: ## list the targets
-	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
+	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
 
 deps: ## install what is missing (redis-server, promtool) on a fresh machine
 	@scripts/install-deps.sh
@@ -28,6 +28,10 @@ lint: ## rustfmt check, clippy with warnings denied, and the deploy files' valid
 
 api-fuzz: ## property-based test of the HTTP API against its OpenAPI document (schemathesis)
 	scripts/schemathesis.sh
+
+api-clients: ## generate Python and TypeScript clients from the OpenAPI document, run them against a stack
+	@scripts/install-deps.sh --clients
+	scripts/generated-clients.sh
 
 fmt: ## format the code
 	$(CARGO) fmt --all

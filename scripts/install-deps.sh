@@ -1,16 +1,31 @@
 #!/usr/bin/env bash
-# Installs what `make demo` and `make test` need beyond the Rust toolchain: redis-server (every
-# test starts its own), promtool (Debian's `prometheus` package; the metrics test checks the
-# exposition with it) and openssl (the TLS test's certificate). Idempotent: does nothing when everything is present.
+# Installs what `make demo`, `make test` and `make api-clients` need beyond the Rust toolchain:
+# redis-server (every test starts its own), promtool (Debian's `prometheus` package; the metrics
+# test checks the exposition with it) and openssl (the TLS test's certificate); with --clients,
+# python3's venv, node and npm (scripts/generated-clients.sh generates and runs API clients) and
+# curl. Idempotent: does nothing when everything is present.
+#
+# Usage: install-deps.sh [--demo | --clients]
 set -euo pipefail
 
+mode="${1:-}"
 missing=()
 command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
-if [ "${1:-}" != "--demo" ]; then
-  command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
-  # The TLS test makes a self-signed certificate for its redis-server.
-  command -v openssl >/dev/null 2>&1 || missing+=(openssl)
-fi
+case "$mode" in
+  --demo) ;;
+  --clients)
+    command -v curl >/dev/null 2>&1 || missing+=(curl)
+    # Debian's python3 has `venv` but not `ensurepip` without python3-venv.
+    python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || missing+=(python3-venv)
+    command -v node >/dev/null 2>&1 || missing+=(nodejs)
+    command -v npm >/dev/null 2>&1 || missing+=(npm)
+    ;;
+  *)
+    command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
+    # The TLS test makes a self-signed certificate for its redis-server.
+    command -v openssl >/dev/null 2>&1 || missing+=(openssl)
+    ;;
+esac
 [ ${#missing[@]} -eq 0 ] && exit 0
 
 echo "installing ${missing[*]} (apt-get)" >&2

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Property-based test of the HTTP API against its own OpenAPI document.
+# Property-based test of the HTTP API against its own OpenAPI document (one event of the event
+# stream described by its `x-fanout-event-schema`, see below).
 #
 # Builds the binary, starts a private redis-server, the simulated provider (`fanout sim`),
 # `fanout api`, a worker and an aggregator, then runs `schemathesis run --checks all` with a
@@ -79,12 +80,23 @@ include-name = "GET /v1/reports/{id}/events"
 checks.positive_data_acceptance.expected-statuses = ["2xx", "400", "401", "403", "404"]
 TOML
 
+# The document as served, except for the event stream: a generated client must see a string
+# there, schemathesis wants the schema of one event (OpenAPI 3.1 cannot say both), which the
+# document keeps in `x-fanout-event-schema`.
+curl -fsS "http://127.0.0.1:$API_PORT/openapi.json" | python3 -c '
+import json, sys
+doc = json.load(sys.stdin)
+media = doc["paths"]["/v1/reports/{id}/events"]["get"]["responses"]["200"]["content"]["text/event-stream"]
+media["schema"] = media.pop("x-fanout-event-schema")
+json.dump(doc, sys.stdout)
+' >"$WORK/openapi.json"
+
 # Excluded check: use_after_free expects a DELETEd resource to be gone (404). DELETE here
 # cancels a report; the cancelled report stays readable on purpose (status `cancelled`,
 # its finished sections, its event stream), until reports.ttl_secs.
 # Run from the temp dir: schemathesis and hypothesis keep their caches in the working directory.
 set +e
-(cd "$WORK" && schemathesis run "http://127.0.0.1:$API_PORT/openapi.json" \
+(cd "$WORK" && schemathesis run openapi.json --url "http://127.0.0.1:$API_PORT" \
   --checks all \
   --exclude-checks use_after_free \
   --header "Authorization: Bearer $TOKEN" \

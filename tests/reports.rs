@@ -23,7 +23,7 @@ fn startup_report_completes_in_template_order_with_dependencies_respected() {
         .as_array()
         .unwrap()
         .iter()
-        .map(|s| s["id"].as_str().unwrap())
+        .map(|s| s["section"].as_str().unwrap())
         .collect();
     assert_eq!(
         ids,
@@ -54,7 +54,7 @@ fn startup_report_completes_in_template_order_with_dependencies_respected() {
     assert_eq!(refs(&text("risk_priority")), [answer_hash(&text("risk"))]);
     assert!(refs(&text("financial")).is_empty());
     // Each dependent started after its inputs finished.
-    let at = |id: &str, field: &str| section(&report, id)[field].as_str().unwrap().to_owned();
+    let at = |id: &str, field: &str| section(&report, id)[field].as_u64().unwrap();
     assert!(at("research", "started_at") >= at("profile", "finished_at"));
     assert!(at("recommendations", "started_at") >= at("research", "finished_at"));
     // Sections in template order in the Markdown too.
@@ -85,7 +85,7 @@ fn persona_panel_keeps_input_order_and_the_summary_sees_every_critique() {
     let mut hashes = Vec::new();
     for (i, (item, persona)) in items.iter().zip(personas).enumerate() {
         assert_eq!(item["index"], i);
-        assert_eq!(item["name"], persona["name"], "item {i} in input order");
+        assert_eq!(item["item"], persona["name"], "item {i} in input order");
         assert_eq!(item["state"], "done");
         hashes.push(answer_hash(item["text"].as_str().unwrap()));
     }

@@ -246,12 +246,12 @@ pub fn refs(text: &str) -> Vec<String> {
         .unwrap_or_default()
 }
 
-/// A section of a report JSON by id.
+/// A section of a report JSON document by its id (`section`).
 pub fn section<'a>(report: &'a serde_json::Value, id: &str) -> &'a serde_json::Value {
     report["sections"]
         .as_array()
         .expect("sections")
         .iter()
-        .find(|s| s["id"] == id)
+        .find(|s| s["section"] == id)
         .unwrap_or_else(|| panic!("no section {id}"))
 }

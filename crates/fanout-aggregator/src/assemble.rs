@@ -1,10 +1,12 @@
 //! Report assembly: a [`ReportView`] as a Markdown document and as a JSON document, in
 //! template order, partial while the report runs.
 
-use fanout_core::{ReportStatus, SectionState};
-use serde_json::{Value, json};
+use fanout_core::{Lane, ReportStatus, SectionState};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use utoipa::ToSchema;
 
-use crate::view::{ReportView, SectionView};
+use crate::view::{ReportView, SectionView, Totals};
 
 /// Consecutive jobs of one section: a plain section (one job) or a `for_each` section (one
 /// job per item, in input order).
@@ -182,76 +184,121 @@ fn summary_line(view: &ReportView) -> String {
     parts.join(" · ")
 }
 
-/// The report as a JSON document: header fields, totals, and the sections in template order;
-/// a `for_each` section has `items` in input order.
-pub fn render_json(view: &ReportView) -> Value {
-    let sections: Vec<Value> = groups(view)
+/// The report as a JSON document (`GET /v1/reports/{id}/report.json`, the webhook body, the
+/// event stream's `report` event): the fields of a `ReportView` with the same names
+/// and formats (timestamps in milliseconds since the Unix epoch), except that the sections
+/// are grouped the way the document reads: a plain section is its one job, a `for_each`
+/// section holds its jobs in `items`, in input order. It has no `callback_url`: the document
+/// goes to that URL and to readers who need not know it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct ReportDocument {
+    pub id: String,
+    pub tenant: String,
+    /// Template name.
+    pub template: String,
+    /// Template title: the report's heading.
+    pub title: String,
+    pub status: ReportStatus,
+    pub lane: Lane,
+    /// Milliseconds since the Unix epoch (Redis clock).
+    pub created_at: u64,
+    pub finished_at: Option<u64>,
+    pub totals: Totals,
+    /// In template order.
+    pub sections: Vec<DocumentSection>,
+}
+
+/// One section of a `ReportDocument`: `for_each` tells which shape it has.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(untagged)]
+pub enum DocumentSection {
+    Job(JobSection),
+    ForEach(ForEachSection),
+}
+
+/// A plain section: its one job, as in a `ReportView`, and `for_each: false`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct JobSection {
+    #[serde(flatten)]
+    pub job: SectionView,
+    /// Always `false`.
+    pub for_each: bool,
+}
+
+/// A `for_each` section: one job per item of its list input, in input order.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct ForEachSection {
+    /// The section id.
+    pub section: String,
+    pub title: String,
+    /// The section did not have to succeed for the report to be completed.
+    pub optional: bool,
+    /// Always `true`.
+    pub for_each: bool,
+    /// Items whose job is done.
+    pub items_done: usize,
+    pub items_total: usize,
+    /// The jobs, as in a `ReportView` (`index` and `item` name the item).
+    pub items: Vec<SectionView>,
+}
+
+impl DocumentSection {
+    /// The section id.
+    pub fn section(&self) -> &str {
+        match self {
+            Self::Job(s) => &s.job.section,
+            Self::ForEach(s) => &s.section,
+        }
+    }
+}
+
+/// The report as a [`ReportDocument`].
+pub fn report_document(view: &ReportView) -> ReportDocument {
+    let sections = groups(view)
         .into_iter()
         .map(|g| {
+            let title = heading(g.title, g.section).to_owned();
             if g.for_each {
-                let items: Vec<Value> = g
-                    .jobs
-                    .iter()
-                    .map(|s| {
-                        let mut v = job_json(s);
-                        v["index"] = json!(s.index);
-                        v["name"] = json!(s.item);
-                        v
-                    })
-                    .collect();
-                let done = g
-                    .jobs
-                    .iter()
-                    .filter(|s| s.state == SectionState::Done)
-                    .count();
-                json!({
-                    "id": g.section,
-                    "title": heading(g.title, g.section),
-                    "for_each": true,
-                    "items_done": done,
-                    "items_total": g.jobs.len(),
-                    "items": items,
+                DocumentSection::ForEach(ForEachSection {
+                    section: g.section.to_owned(),
+                    title,
+                    optional: g.jobs.iter().any(|s| s.optional),
+                    for_each: true,
+                    items_done: g
+                        .jobs
+                        .iter()
+                        .filter(|s| s.state == SectionState::Done)
+                        .count(),
+                    items_total: g.jobs.len(),
+                    items: g.jobs.into_iter().cloned().collect(),
                 })
             } else {
-                let s = g.jobs[0];
-                let mut v = job_json(s);
-                v["id"] = json!(g.section);
-                v["title"] = json!(heading(g.title, g.section));
-                v
+                let mut job = g.jobs[0].clone();
+                job.title = title;
+                DocumentSection::Job(JobSection {
+                    job,
+                    for_each: false,
+                })
             }
         })
         .collect();
-    json!({
-        "id": view.id,
-        "title": view.title,
-        "template": view.template,
-        "tenant": view.tenant,
-        "status": view.status,
-        "lane": view.lane,
-        "created_at": format_rfc3339(view.created_at),
-        "finished_at": view.finished_at.map(format_rfc3339),
-        "totals": view.totals,
-        "sections": sections,
-    })
+    ReportDocument {
+        id: view.id.clone(),
+        tenant: view.tenant.clone(),
+        template: view.template.clone(),
+        title: view.title.clone(),
+        status: view.status,
+        lane: view.lane,
+        created_at: view.created_at,
+        finished_at: view.finished_at,
+        totals: view.totals.clone(),
+        sections,
+    }
 }
 
-fn job_json(s: &SectionView) -> Value {
-    json!({
-        "job_id": s.job_id,
-        "state": s.state,
-        "optional": s.optional,
-        "text": s.text,
-        "reason": s.reason,
-        "model": s.model,
-        "prompt_tokens": s.prompt_tokens,
-        "completion_tokens": s.completion_tokens,
-        "cost": s.cost,
-        "latency_ms": s.latency_ms,
-        "attempts": s.attempts,
-        "cached": s.cached,
-        "started_at": s.started_at.map(format_rfc3339),
-        "finished_at": s.finished_at.map(format_rfc3339),
-    })
+/// The report as a JSON document: a [`ReportDocument`].
+pub fn render_json(view: &ReportView) -> Value {
+    serde_json::to_value(report_document(view)).expect("a report document serializes")
 }
 
 /// The level of an ATX heading line (`## Title` → 2).
@@ -410,12 +457,6 @@ pub(crate) fn format_time(ms: u64) -> String {
     format!("{y:04}-{mo:02}-{d:02} {h:02}:{mi:02}:{s:02} UTC")
 }
 
-/// `2025-01-02T10:00:00.123Z`.
-pub(crate) fn format_rfc3339(ms: u64) -> String {
-    let (y, mo, d, h, mi, s, milli) = civil(ms);
-    format!("{y:04}-{mo:02}-{d:02}T{h:02}:{mi:02}:{s:02}.{milli:03}Z")
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -447,6 +488,76 @@ mod tests {
         assert_eq!(nest_headings("# A\n###### F", 4), "#### A\n###### F");
     }
 
+    fn job(section: &str, index: Option<usize>, item: Option<&str>) -> SectionView {
+        SectionView {
+            job_id: match index {
+                Some(i) => format!("{section}[{i}]"),
+                None => section.to_owned(),
+            },
+            section: section.to_owned(),
+            index,
+            item: item.map(str::to_owned),
+            title: String::new(),
+            state: SectionState::Done,
+            optional: false,
+            text: Some("text".into()),
+            reason: None,
+            model: Some("gpt-4o-mini".into()),
+            prompt_tokens: 10,
+            completion_tokens: 20,
+            cost: 0.001,
+            latency_ms: Some(5),
+            attempts: 1,
+            cached: false,
+            started_at: Some(1_000),
+            finished_at: Some(2_000),
+        }
+    }
+
+    #[test]
+    fn the_json_document_has_the_views_names_and_formats() {
+        let view = ReportView {
+            id: "r1".into(),
+            tenant: "t".into(),
+            template: "persona-panel".into(),
+            title: "Persona panel".into(),
+            status: ReportStatus::Completed,
+            lane: Lane::Interactive,
+            created_at: 1_709_210_096_789,
+            finished_at: Some(1_709_210_099_000),
+            callback_url: Some("https://example.com/hook".into()),
+            webhook: None,
+            // A for_each section's jobs out of order: the document puts them in input order.
+            sections: vec![
+                job("persona", Some(1), Some("Tom")),
+                job("persona", Some(0), Some("Marta")),
+                job("summary", None, None),
+            ],
+            totals: Totals::default(),
+        };
+        let doc = render_json(&view);
+        assert_eq!(doc["created_at"], 1_709_210_096_789_u64);
+        assert_eq!(doc["finished_at"], 1_709_210_099_000_u64);
+        assert!(doc.get("callback_url").is_none());
+        let persona = &doc["sections"][0];
+        assert_eq!(persona["section"], "persona");
+        assert_eq!(persona["for_each"], true);
+        assert_eq!(persona["items_done"], 2);
+        assert_eq!(persona["items"][0]["item"], "Marta");
+        assert_eq!(persona["items"][0]["index"], 0);
+        assert_eq!(persona["items"][1]["job_id"], "persona[1]");
+        assert_eq!(persona["items"][1]["started_at"], 1_000);
+        let summary = &doc["sections"][1];
+        assert_eq!(summary["section"], "summary");
+        assert_eq!(summary["for_each"], false);
+        // An untitled section is headed by its id, as in the Markdown.
+        assert_eq!(summary["title"], "summary");
+        assert_eq!(summary["text"], "text");
+        let back: ReportDocument = serde_json::from_value(doc).unwrap();
+        assert_eq!(back, report_document(&view));
+        assert_eq!(back.sections[1].section(), "summary");
+    }
+
     #[test]
     fn numbers_and_times_read_well() {
         assert_eq!(thousands(0), "0");
@@ -460,10 +571,6 @@ mod tests {
         assert_eq!(format_duration(92_000), "1m 32s");
         assert_eq!(format_duration(3_720_000), "1h 02m");
         assert_eq!(format_time(0), "1970-01-01 00:00:00 UTC");
-        // 2024-02-29T12:34:56.789Z
-        assert_eq!(
-            format_rfc3339(1_709_210_096_789),
-            "2024-02-29T12:34:56.789Z"
-        );
+        assert_eq!(format_time(1_709_210_096_789), "2024-02-29 12:34:56 UTC");
     }
 }

@@ -11,7 +11,10 @@ mod view;
 pub mod webhook;
 
 pub use aggregator::{AggregatorOptions, GROUP, OnFinished, run};
-pub use assemble::{render_json, render_markdown};
+pub use assemble::{
+    DocumentSection, ForEachSection, JobSection, ReportDocument, render_json, render_markdown,
+    report_document,
+};
 pub use error::{Error, Result};
 pub use keys::{Keys, ReportKeys};
 pub use store::{

@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use utoipa::ToSchema;
 
-use crate::assemble::{render_json, render_markdown};
+use crate::assemble::{ReportDocument, render_json, render_markdown};
 use crate::error::{Error, Result};
 use crate::keys::Keys;
 use crate::scripts::Scripts;
@@ -787,8 +787,13 @@ impl Store {
             .await
             .map_err(|e| self.broken(e))?;
         drop(conn);
-        if stored.is_some() {
-            return Ok(stored);
+        // A JSON document stored before it had the view's names and formats (ISO timestamps,
+        // `id` for the section) is assembled again, until such reports expire.
+        let current = |doc: &str| {
+            format == Format::Markdown || serde_json::from_str::<ReportDocument>(doc).is_ok()
+        };
+        if let Some(doc) = stored.filter(|d| current(d)) {
+            return Ok(Some(doc));
         }
         Ok(self.view(report_id).await?.map(|v| match format {
             Format::Markdown => render_markdown(&v),

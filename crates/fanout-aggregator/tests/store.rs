@@ -616,6 +616,17 @@ async fn every_report_key_gets_the_ttl_when_the_report_finishes() {
     let json = env.store.document(&r, Format::Json).await.unwrap().unwrap();
     let v: serde_json::Value = serde_json::from_str(&json).unwrap();
     assert_eq!(v["status"], "completed");
+    // A stored document is served as stored; one stored in the earlier shape (ISO timestamps,
+    // `id` for the section) is assembled again.
+    let _: () = c.set(keys.doc_json(), &json).unwrap();
+    let again = env.store.document(&r, Format::Json).await.unwrap().unwrap();
+    assert_eq!(again, json);
+    let mut legacy = v.clone();
+    legacy["created_at"] = "2025-01-02T10:00:00.000Z".into();
+    let _: () = c.set(keys.doc_json(), legacy.to_string()).unwrap();
+    let current = env.store.document(&r, Format::Json).await.unwrap().unwrap();
+    let current: serde_json::Value = serde_json::from_str(&current).unwrap();
+    assert_eq!(current["created_at"], v["created_at"]);
     assert!(
         env.store
             .document("nope", Format::Json)

@@ -156,14 +156,14 @@ impl FanoutClient {
 
     /// The assembled document, Markdown or JSON text.
     pub async fn report(&self, id: &str, format: DocFormat) -> Result<String> {
-        let f = match format {
+        let ext = match format {
             DocFormat::Md => "md",
             DocFormat::Json => "json",
         };
         let resp = self
             .request(
                 reqwest::Method::GET,
-                &format!("/v1/reports/{}/report?format={f}", encode(id)),
+                &format!("/v1/reports/{}/report.{ext}", encode(id)),
             )
             .send()
             .await?;

@@ -279,7 +279,14 @@ async fn a_report_flows_from_submit_through_live_events_to_its_documents() -> Re
     assert_eq!(first["jobs"], 4, "3 personas and the summary");
     assert_eq!(first["links"]["self"], format!("/v1/reports/{id}"));
     assert_eq!(first["links"]["events"], format!("/v1/reports/{id}/events"));
-    assert_eq!(first["links"]["report"], format!("/v1/reports/{id}/report"));
+    assert_eq!(
+        first["links"]["report"],
+        format!("/v1/reports/{id}/report.json")
+    );
+    assert_eq!(
+        first["links"]["markdown"],
+        format!("/v1/reports/{id}/report.md")
+    );
     assert_eq!(headers["location"], format!("/v1/reports/{id}").as_str());
 
     // The same idempotency key: 200, the same report.
@@ -371,7 +378,7 @@ async fn a_report_flows_from_submit_through_live_events_to_its_documents() -> Re
     let (status, headers, doc) = s
         .raw(
             s.http
-                .get(s.url(&format!("/v1/reports/{id}/report?format=json")))
+                .get(s.url(&format!("/v1/reports/{id}/report.json")))
                 .bearer_auth(ACME),
         )
         .await?;
@@ -381,7 +388,16 @@ async fn a_report_flows_from_submit_through_live_events_to_its_documents() -> Re
         doc, final_json,
         "the report event carries the final JSON document"
     );
-    let (_, headers, _) = s
+    let (_, _, md_doc) = s
+        .raw(
+            s.http
+                .get(s.url(&format!("/v1/reports/{id}/report.md")))
+                .bearer_auth(ACME),
+        )
+        .await?;
+    assert_eq!(md_doc, md);
+    // The route before report.json and report.md still answers: Markdown by default.
+    let (_, headers, legacy_md) = s
         .raw(
             s.http
                 .get(s.url(&format!("/v1/reports/{id}/report")))
@@ -393,6 +409,15 @@ async fn a_report_flows_from_submit_through_live_events_to_its_documents() -> Re
             .to_str()?
             .starts_with("text/markdown")
     );
+    assert_eq!(legacy_md, md);
+    let (_, _, legacy_json) = s
+        .raw(
+            s.http
+                .get(s.url(&format!("/v1/reports/{id}/report?format=json")))
+                .bearer_auth(ACME),
+        )
+        .await?;
+    assert_eq!(legacy_json, doc);
 
     // Templates, and the routes that need no token.
     let templates = client.templates().await?;
@@ -578,6 +603,8 @@ async fn tokens_authenticate_and_tenants_see_only_their_reports() -> Result<()> 
     for (method, path) in [
         (get.clone(), format!("/v1/reports/{id}")),
         (get.clone(), format!("/v1/reports/{id}/events")),
+        (get.clone(), format!("/v1/reports/{id}/report.json")),
+        (get.clone(), format!("/v1/reports/{id}/report.md")),
         (get.clone(), format!("/v1/reports/{id}/report?format=json")),
         (delete, format!("/v1/reports/{id}")),
     ] {
@@ -1159,7 +1186,7 @@ async fn a_finished_report_is_posted_to_its_callback_signed_and_retried() -> Res
     let (_, _, doc) = s
         .call(
             reqwest::Method::GET,
-            &format!("/v1/reports/{id}/report?format=json"),
+            &format!("/v1/reports/{id}/report.json"),
             None,
             None,
         )

@@ -71,8 +71,10 @@ pub struct Links {
     pub this: String,
     /// Server-Sent Events of the report's progress.
     pub events: String,
-    /// The assembled document (`?format=md|json`).
+    /// The assembled document as JSON.
     pub report: String,
+    /// The assembled document as Markdown.
+    pub markdown: String,
 }
 
 impl Links {
@@ -80,7 +82,8 @@ impl Links {
         Self {
             this: format!("/v1/reports/{id}"),
             events: format!("/v1/reports/{id}/events"),
-            report: format!("/v1/reports/{id}/report"),
+            report: format!("/v1/reports/{id}/report.json"),
+            markdown: format!("/v1/reports/{id}/report.md"),
         }
     }
 }

@@ -17,8 +17,12 @@ pub use dto::{
     Accepted, Health, InputInfo, ItemInfo, Links, ReportRef, SectionInfo, SubmitBody, TemplateInfo,
 };
 pub use error::{ApiError, ErrorBody, ErrorDetail};
-/// The bodies of `GET /v1/reports/{id}` and of the event stream, as the aggregator defines them.
-pub use fanout_aggregator::{ReportEvent, ReportView, SectionView, Totals};
+/// The bodies of `GET /v1/reports/{id}`, of the event stream and of the JSON document, as the
+/// aggregator defines them.
+pub use fanout_aggregator::{
+    DocumentSection, ForEachSection, JobSection, ReportDocument, ReportEvent, ReportView,
+    SectionView, Totals,
+};
 pub use routes::DocFormat;
 pub use sse::{ERROR_EVENT, REPORT_EVENT};
 
@@ -209,6 +213,8 @@ pub fn router(state: ApiState) -> Router {
         )
         .route("/v1/reports/{id}/events", get(sse::events))
         .route("/v1/reports/{id}/report", get(routes::document))
+        .route("/v1/reports/{id}/report.json", get(routes::document_json))
+        .route("/v1/reports/{id}/report.md", get(routes::document_md))
         .route("/v1/templates", get(routes::templates))
         .route("/healthz", get(routes::healthz))
         .route("/readyz", get(routes::readyz))

@@ -3,8 +3,17 @@
 //! gets one alternative per loaded template, with that template's inputs as a JSON Schema
 //! that says exactly what the producer's validation accepts; and without tokens the security
 //! requirements are removed.
+//!
+//! Generated clients (openapi-python-client, openapi-typescript; `scripts/generated-clients.sh`)
+//! need every object they should name to be a component: inline alternatives and inline
+//! objects get names invented by each generator, which collide. So each template's body,
+//! its inputs and their nested objects are named components, and each response has one
+//! content type.
 
-use fanout_aggregator::{ReportEvent, ReportView, SectionView, Totals};
+use fanout_aggregator::{
+    DocumentSection, ForEachSection, JobSection, ReportDocument, ReportEvent, ReportView,
+    SectionView, Totals,
+};
 use fanout_core::{InputKind, InputSpec, ItemSpec, Lane, ReportStatus, SectionState, Template};
 use serde_json::{Map, Value, json};
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
@@ -28,7 +37,8 @@ use crate::Templates;
         routes::get_report,
         routes::cancel,
         sse::events,
-        routes::document,
+        routes::document_json,
+        routes::document_md,
         routes::templates,
         routes::healthz,
         routes::readyz,
@@ -45,6 +55,10 @@ use crate::Templates;
         ReportView,
         SectionView,
         Totals,
+        ReportDocument,
+        DocumentSection,
+        JobSection,
+        ForEachSection,
         ReportEvent,
         ReportStatus,
         SectionState,
@@ -54,7 +68,6 @@ use crate::Templates;
         dto::ItemInfo,
         dto::SectionInfo,
         dto::Health,
-        routes::DocFormat,
     )),
     modifiers(&BearerAuth),
     tags(
@@ -88,6 +101,7 @@ pub(crate) fn document(templates: &Templates, auth: bool) -> Value {
     doc["info"]["version"] = Value::from(env!("CARGO_PKG_VERSION"));
     refine_submit_body(&mut doc, templates);
     describe_event_stream(&mut doc);
+    pin_document_sections(&mut doc);
     non_null_parameters(&mut doc);
     if !auth {
         strip_security(&mut doc);
@@ -95,32 +109,133 @@ pub(crate) fn document(templates: &Templates, auth: bool) -> Value {
     doc
 }
 
-/// `SubmitBody` becomes `oneOf` its derived schema specialised to each template: `template`
-/// is that name, `inputs` that template's inputs.
+/// `SubmitBody` becomes `oneOf` its derived schema specialised to each template, told apart
+/// by `template`: each alternative is a component (`SubmitPersonaPanel`, …) whose `template`
+/// is that name and whose `inputs` are that template's inputs, a component too
+/// (`PersonaPanelInputs`, with its nested objects named after their paths).
 fn refine_submit_body(doc: &mut Value, templates: &Templates) {
     let Some(base) = doc.pointer("/components/schemas/SubmitBody").cloned() else {
         return;
     };
-    let variants: Vec<Value> = templates
-        .iter()
-        .map(|t| {
-            let mut v = base.clone();
-            v["title"] = Value::from(t.name.as_str());
-            v["properties"]["template"] = json!({
-                "type": "string",
-                "const": t.name,
-                "description": t.title,
-            });
-            v["properties"]["inputs"] = inputs_schema(t);
-            v
-        })
-        .collect();
+    // The derived schemas' names, which a template's may not take.
+    let mut components: Map<String, Value> = doc["components"]["schemas"]
+        .as_object()
+        .map(|m| m.keys().map(|k| (k.clone(), Value::Null)).collect())
+        .unwrap_or_default();
+    let mut variants = Vec::new();
+    let mut mapping = Map::new();
+    for t in templates.iter() {
+        let stem = pascal_case(&t.name);
+        let name = unique(&format!("Submit{stem}"), &components);
+        components.insert(name.clone(), Value::Null);
+        let inputs_name = unique(&format!("{stem}Inputs"), &components);
+        components.insert(inputs_name.clone(), Value::Null);
+        let mut inputs = inputs_schema(t);
+        name_objects(&mut inputs, &inputs_name, &mut components);
+        components.insert(inputs_name.clone(), inputs);
+
+        let mut v = base.clone();
+        v["title"] = Value::from(name.as_str());
+        v["description"] = Value::from(format!("A `{}` report: {}", t.name, t.title));
+        v["properties"]["template"] = json!({
+            "type": "string",
+            "const": t.name,
+            "description": t.title,
+        });
+        v["properties"]["inputs"] = schema_ref(&inputs_name);
+        components.insert(name.clone(), v);
+        mapping.insert(t.name.clone(), Value::from(ref_path(&name)));
+        variants.push(schema_ref(&name));
+    }
     let mut refined = Map::new();
     if let Some(d) = base.get("description") {
         refined.insert("description".into(), d.clone());
     }
     refined.insert("oneOf".into(), Value::Array(variants));
-    doc["components"]["schemas"]["SubmitBody"] = Value::Object(refined);
+    refined.insert(
+        "discriminator".into(),
+        json!({ "propertyName": "template", "mapping": mapping }),
+    );
+    let schemas = &mut doc["components"]["schemas"];
+    schemas["SubmitBody"] = Value::Object(refined);
+    for (name, schema) in components {
+        if !schema.is_null() {
+            schemas[name.as_str()] = schema;
+        }
+    }
+}
+
+/// `name`, or `name2`, `name3`, … when `taken` has it (two templates whose names differ only
+/// in punctuation, or a template named like a derived schema).
+fn unique(name: &str, taken: &Map<String, Value>) -> String {
+    std::iter::once(name.to_owned())
+        .chain((2..).map(|n| format!("{name}{n}")))
+        .find(|n| !taken.contains_key(n))
+        .expect("an unused name")
+}
+
+fn ref_path(name: &str) -> String {
+    format!("#/components/schemas/{name}")
+}
+
+fn schema_ref(name: &str) -> Value {
+    json!({ "$ref": ref_path(name) })
+}
+
+/// `persona-panel` → `PersonaPanel`, `founder_profile` → `FounderProfile`.
+fn pascal_case(s: &str) -> String {
+    s.split(|c: char| !c.is_ascii_alphanumeric())
+        .filter(|w| !w.is_empty())
+        .map(|w| {
+            let mut cs = w.chars();
+            cs.next()
+                .map(|c| c.to_ascii_uppercase().to_string() + cs.as_str())
+                .unwrap_or_default()
+        })
+        .collect()
+}
+
+fn is_named_object(s: &Value) -> bool {
+    s.get("properties").is_some()
+}
+
+/// Move the objects nested in `schema` (object inputs, object items of lists) into
+/// `components`, named `{name}{Field}` and `{name}{Field}Item`, leaving `$ref`s; an optional
+/// one becomes `anyOf` the reference and `null`.
+fn name_objects(schema: &mut Value, name: &str, components: &mut Map<String, Value>) {
+    let Some(props) = schema.get_mut("properties").and_then(Value::as_object_mut) else {
+        return;
+    };
+    for (field, prop) in props.iter_mut() {
+        let stem = unique(&format!("{name}{}", pascal_case(field)), components);
+        if is_named_object(prop) {
+            let description = prop.as_object_mut().and_then(|o| o.remove("description"));
+            let nullable = prop["type"].is_array();
+            let mut object = prop.take();
+            object["type"] = Value::from("object");
+            components.insert(stem.clone(), Value::Null);
+            name_objects(&mut object, &stem, components);
+            components.insert(stem.clone(), object);
+            let mut r = if nullable {
+                json!({ "anyOf": [schema_ref(&stem), { "type": "null" }] })
+            } else {
+                schema_ref(&stem)
+            };
+            if let Some(d) = description {
+                r["description"] = d;
+            }
+            *prop = r;
+        } else if let Some(items) = prop.get_mut("items")
+            && is_named_object(items)
+        {
+            let item_name = unique(&format!("{stem}Item"), components);
+            let mut object = items.take();
+            components.insert(item_name.clone(), Value::Null);
+            name_objects(&mut object, &item_name, components);
+            components.insert(item_name.clone(), object);
+            *items = schema_ref(&item_name);
+        }
+    }
 }
 
 /// The JSON Schema of a template's inputs, mirroring `Template::validate_inputs`: unknown
@@ -218,15 +333,15 @@ fn shape_schema(
     s
 }
 
-/// Each event of `GET /v1/reports/{id}/events`, as OpenAPI 3.1 describes an event stream:
-/// an object of `id`, `event` and `data`, with `data` a JSON document whose schema depends on
-/// the event (progress events: `ReportEvent`; `report`: the report JSON; `error`: `ErrorBody`).
+/// `GET /v1/reports/{id}/events` is a `text/event-stream`: to a generated client a string
+/// (OpenAPI 3.1 has no schema for a stream of events, and a client generator that sees an
+/// object parses the stream as JSON). The events and the schema of each one's `data` are in
+/// the description, and as a JSON Schema of one event in `x-fanout-event-schema` (the form
+/// schemathesis validates each event against, `scripts/schemathesis.sh`): an object of `id`,
+/// `event` and `data`, with `data` a JSON document whose schema depends on the event.
 fn describe_event_stream(doc: &mut Value) {
-    let schemas = &doc["components"]["schemas"];
-    let event_body = schemas["ReportEvent"].clone();
-    let mut error_body = schemas["ErrorBody"].clone();
-    // Inline ErrorDetail: the content schema is validated on its own, without the document.
-    error_body["properties"]["error"] = schemas["ErrorDetail"].clone();
+    // Inlined: a content schema is validated on its own, without the document.
+    let inline = |name: &str| inline_refs(&doc["components"]["schemas"][name], doc);
     let json_data = |schema: Value| {
         json!({
             "type": "string",
@@ -235,7 +350,7 @@ fn describe_event_stream(doc: &mut Value) {
         })
     };
     let stream_id = json!({ "type": "string", "pattern": "^[0-9]{1,19}-[0-9]{1,19}$" });
-    let schema = json!({
+    let event_schema = json!({
         "type": "object",
         "description": "One Server-Sent Event.",
         "required": ["event", "data"],
@@ -250,28 +365,86 @@ fn describe_event_stream(doc: &mut Value) {
                 "description": "A progress event; `event` is its kind.",
                 "properties": {
                     "event": { "not": { "enum": [sse::REPORT_EVENT, sse::ERROR_EVENT] } },
-                    "data": json_data(event_body),
+                    "data": json_data(inline("ReportEvent")),
                 },
             },
             {
-                "description": "The last event: the final report JSON.",
+                "description": "The last event: the final report document.",
                 "properties": {
                     "event": { "const": sse::REPORT_EVENT },
-                    "data": json_data(json!({ "type": "object" })),
+                    "data": json_data(inline("ReportDocument")),
                 },
             },
             {
                 "description": "The stream cannot go on (Redis failed); reconnect with Last-Event-ID.",
                 "properties": {
                     "event": { "const": sse::ERROR_EVENT },
-                    "data": json_data(error_body),
+                    "data": json_data(inline("ErrorBody")),
                 },
             },
         ],
     });
     let pointer = "/paths/~1v1~1reports~1{id}~1events/get/responses/200/content/text~1event-stream";
-    if let Some(media) = doc.pointer_mut(pointer) {
-        media["schema"] = schema;
+    let Some(media) = doc.pointer_mut(pointer) else {
+        return;
+    };
+    media["schema"] = json!({
+        "type": "string",
+        "description": "Server-Sent Events. Each event has `event:` (its kind) and `data:` \
+            (one JSON document). Progress events (`id:` is the stream id, to resume with \
+            `Last-Event-ID`): `report.created`, `section.started`, `section.completed`, \
+            `section.failed`, `section.skipped`, `section.cancelled`, `report.finished`, …, \
+            each with a `ReportEvent`. After `report.finished`: one `report` event whose data \
+            is the final `ReportDocument`, and the stream ends. `error`: an `ErrorBody`, the \
+            stream cannot go on (Redis failed); reconnect with `Last-Event-ID`.",
+    });
+    media["x-fanout-event-schema"] = event_schema;
+}
+
+/// `schema` with every `$ref` into `doc` replaced by what it names (the schemas here are not
+/// recursive).
+fn inline_refs(schema: &Value, doc: &Value) -> Value {
+    match schema {
+        Value::Object(map) => {
+            if let Some(target) = map
+                .get("$ref")
+                .and_then(Value::as_str)
+                .and_then(|r| r.strip_prefix('#'))
+                .and_then(|p| doc.pointer(p))
+            {
+                let mut resolved = inline_refs(target, doc);
+                for (k, v) in map.iter().filter(|(k, _)| *k != "$ref") {
+                    resolved[k.as_str()] = inline_refs(v, doc);
+                }
+                return resolved;
+            }
+            Value::Object(
+                map.iter()
+                    .map(|(k, v)| (k.clone(), inline_refs(v, doc)))
+                    .collect(),
+            )
+        }
+        Value::Array(items) => Value::Array(items.iter().map(|v| inline_refs(v, doc)).collect()),
+        other => other.clone(),
+    }
+}
+
+/// The `for_each` flag tells the two shapes of a document section apart.
+fn pin_document_sections(doc: &mut Value) {
+    let schemas = &mut doc["components"]["schemas"];
+    for (name, value) in [("ForEachSection", true), ("JobSection", false)] {
+        let flag = match schemas.pointer_mut(&format!("/{name}/properties/for_each")) {
+            Some(f) => Some(f),
+            // A flattened struct derives as `allOf` [the flattened one, its own fields].
+            None => schemas[name]["allOf"].as_array_mut().and_then(|parts| {
+                parts
+                    .iter_mut()
+                    .find_map(|p| p.pointer_mut("/properties/for_each"))
+            }),
+        };
+        if let Some(flag) = flag {
+            flag["const"] = Value::Bool(value);
+        }
     }
 }
 
@@ -322,6 +495,34 @@ fn strip_security(doc: &mut Value) {
 mod tests {
     use super::*;
 
+    fn resolve<'a>(doc: &'a Value, r: &Value) -> &'a Value {
+        let path = r.as_str().unwrap().trim_start_matches('#');
+        doc.pointer(path).unwrap()
+    }
+
+    fn assert_no_inline_objects(schema: &Value, at: &str) {
+        for (field, prop) in schema["properties"].as_object().unwrap() {
+            let items = &prop["items"];
+            assert!(
+                prop.get("properties").is_none() && items.get("properties").is_none(),
+                "{at}.{field} is an inline object"
+            );
+        }
+    }
+
+    #[test]
+    fn component_names_are_pascal_case_and_unique() {
+        assert_eq!(pascal_case("persona-panel"), "PersonaPanel");
+        assert_eq!(pascal_case("founder_profile"), "FounderProfile");
+        assert_eq!(pascal_case("v2.report"), "V2Report");
+        let taken: Map<String, Value> = [("SubmitBody", Value::Null), ("SubmitBody2", Value::Null)]
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), v))
+            .collect();
+        assert_eq!(unique("SubmitBody", &taken), "SubmitBody3");
+        assert_eq!(unique("SubmitPanel", &taken), "SubmitPanel");
+    }
+
     #[test]
     fn the_document_names_every_route_and_refines_the_body_per_template() {
         let templates = Templates::builtin();
@@ -330,7 +531,8 @@ mod tests {
             "/v1/reports",
             "/v1/reports/{id}",
             "/v1/reports/{id}/events",
-            "/v1/reports/{id}/report",
+            "/v1/reports/{id}/report.json",
+            "/v1/reports/{id}/report.md",
             "/v1/templates",
             "/healthz",
             "/readyz",
@@ -339,15 +541,20 @@ mod tests {
         ] {
             assert!(doc["paths"].get(path).is_some(), "{path} missing");
         }
-        let body = &doc["components"]["schemas"]["SubmitBody"];
+        let schemas = &doc["components"]["schemas"];
+        let body = &schemas["SubmitBody"];
         let variants = body["oneOf"].as_array().unwrap();
         assert_eq!(variants.len(), templates.names().len());
-        let panel = variants
-            .iter()
-            .find(|v| v["properties"]["template"]["const"] == "persona-panel")
-            .unwrap();
+        assert_eq!(body["discriminator"]["propertyName"], "template");
+        let panel = resolve(&doc, &body["discriminator"]["mapping"]["persona-panel"]);
+        assert!(variants.contains(&json!({ "$ref": "#/components/schemas/SubmitPersonaPanel" })));
+        assert_eq!(panel["properties"]["template"]["const"], "persona-panel");
         assert_eq!(panel["additionalProperties"], false);
-        let inputs = &panel["properties"]["inputs"];
+        assert_eq!(
+            panel["properties"]["inputs"]["$ref"],
+            "#/components/schemas/PersonaPanelInputs"
+        );
+        let inputs = &schemas["PersonaPanelInputs"];
         assert_eq!(inputs["additionalProperties"], false);
         assert!(
             inputs["required"]
@@ -355,11 +562,102 @@ mod tests {
                 .unwrap()
                 .contains(&json!("personas"))
         );
-        let name = &inputs["properties"]["personas"]["items"]["properties"]["name"];
+        assert_eq!(
+            inputs["properties"]["personas"]["items"]["$ref"],
+            "#/components/schemas/PersonaPanelInputsPersonasItem"
+        );
+        let name = &schemas["PersonaPanelInputsPersonasItem"]["properties"]["name"];
         assert_eq!(name["maxLength"], 120);
         assert_eq!(
             name["pattern"],
             fanout_core::template::string_pattern(false, true)
+        );
+        assert_eq!(
+            schemas["SubmitStartupReport"]["properties"]["inputs"]["$ref"],
+            "#/components/schemas/StartupReportInputs"
+        );
+        // Every object a generator should name is a component: no inline object anywhere in
+        // a request body.
+        assert_no_inline_objects(&schemas["SubmitPersonaPanel"], "SubmitPersonaPanel");
+        for name in ["PersonaPanelInputs", "StartupReportInputs"] {
+            assert_no_inline_objects(&schemas[name], name);
+        }
+
+        // One content type per response.
+        for (path, item) in doc["paths"].as_object().unwrap() {
+            for (method, op) in item.as_object().unwrap() {
+                for (status, resp) in op["responses"].as_object().unwrap() {
+                    if let Some(content) = resp.get("content") {
+                        assert_eq!(
+                            content.as_object().unwrap().len(),
+                            1,
+                            "{method} {path} {status}: {content}"
+                        );
+                    }
+                }
+            }
+        }
+        let content = |path: &str, ty: &str| {
+            doc["paths"][path]["get"]["responses"]["200"]["content"][ty]["schema"].clone()
+        };
+        assert_eq!(
+            content("/v1/reports/{id}/report.json", "application/json")["$ref"],
+            "#/components/schemas/ReportDocument"
+        );
+        assert_eq!(
+            content("/v1/reports/{id}/report.md", "text/markdown")["type"],
+            "string"
+        );
+        assert_eq!(
+            content("/v1/reports/{id}/events", "text/event-stream")["type"],
+            "string"
+        );
+        assert!(doc["paths"].get("/v1/reports/{id}/report").is_none());
+        let media = &doc["paths"]["/v1/reports/{id}/events"]["get"]["responses"]["200"]["content"]
+            ["text/event-stream"];
+        let event = &media["x-fanout-event-schema"];
+        assert_eq!(event["oneOf"].as_array().unwrap().len(), 3);
+        let progress = &event["oneOf"][0]["properties"]["data"]["contentSchema"];
+        assert_eq!(
+            progress["properties"]["kind"]["type"], "string",
+            "{progress}"
+        );
+        let report = &event["oneOf"][1]["properties"]["data"]["contentSchema"];
+        assert!(!report.to_string().contains("$ref"), "{report}");
+        assert_eq!(report["properties"]["created_at"]["type"], "integer");
+
+        // The document has the view's names and formats.
+        let report_doc = &schemas["ReportDocument"]["properties"];
+        let view = &schemas["ReportView"]["properties"];
+        for field in [
+            "id",
+            "status",
+            "lane",
+            "created_at",
+            "finished_at",
+            "totals",
+        ] {
+            assert_eq!(report_doc[field], view[field], "{field}");
+        }
+        assert_eq!(
+            report_doc["sections"]["items"]["$ref"],
+            "#/components/schemas/DocumentSection"
+        );
+        let items = &schemas["ForEachSection"]["properties"];
+        assert_eq!(
+            items["items"]["items"]["$ref"],
+            "#/components/schemas/SectionView"
+        );
+        assert_eq!(items["for_each"]["const"], true);
+        assert!(
+            schemas["JobSection"]
+                .to_string()
+                .contains("#/components/schemas/SectionView")
+        );
+        assert!(
+            schemas["JobSection"]
+                .to_string()
+                .contains(r#""const":false"#)
         );
         assert!(doc["components"]["securitySchemes"].get("bearer").is_some());
         assert!(
@@ -369,16 +667,8 @@ mod tests {
         );
 
         let events = &doc["paths"]["/v1/reports/{id}/events"]["get"];
-        let stream = &events["responses"]["200"]["content"]["text/event-stream"]["schema"];
-        assert_eq!(stream["oneOf"].as_array().unwrap().len(), 3);
-        let progress = &stream["oneOf"][0]["properties"]["data"]["contentSchema"];
-        assert_eq!(
-            progress["properties"]["kind"]["type"], "string",
-            "{progress}"
-        );
 
         // The report is the aggregator's view, its enums fanout-core's wire names.
-        let schemas = &doc["components"]["schemas"];
         let report = &schemas["ReportView"]["properties"];
         assert_eq!(
             report["status"]["$ref"],

@@ -4,7 +4,7 @@ use axum::Json;
 use axum::extract::State;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use fanout_aggregator::{Format, ReportView};
+use fanout_aggregator::{Format, ReportDocument, ReportView};
 use fanout_core::ReportStatus;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
@@ -203,22 +203,17 @@ pub(crate) struct DocumentQuery {
 
 #[utoipa::path(
     get,
-    path = "/v1/reports/{id}/report",
+    path = "/v1/reports/{id}/report.json",
     tag = "reports",
     operation_id = "get_report_document",
-    summary = "The assembled report document",
-    description = "Sections in template order, partial while the report runs, final once it \
-        finished. Markdown by default.",
-    params(
-        ("id" = String, Path, description = "Report id", pattern = "^[0-9A-Za-z-]{1,64}$"),
-        ("format" = Option<DocFormat>, Query, description = "`md` (default) or `json`"),
-    ),
+    summary = "The assembled report as JSON",
+    description = "The view's fields with the same names and formats, sections grouped as \
+        the document reads (a `for_each` section holds its jobs in `items`); partial while \
+        the report runs, final once it finished. The same document is the webhook body and \
+        the event stream's `report` event.",
+    params(("id" = String, Path, description = "Report id", pattern = "^[0-9A-Za-z-]{1,64}$")),
     responses(
-        (status = 200, description = "The document.", content(
-            (String = "text/markdown"),
-            (Object = "application/json"),
-        )),
-        (status = 400, description = "Unknown `format`.", body = ErrorBody),
+        (status = 200, description = "The document.", body = ReportDocument),
         (status = 401, description = "Missing or invalid bearer token.", body = ErrorBody,
             headers(("www-authenticate" = String, description = "`Bearer realm=\"fanout\"`"))),
         (status = 404, description = "Unknown, expired or another tenant's report.", body = ErrorBody),
@@ -227,23 +222,70 @@ pub(crate) struct DocumentQuery {
     ),
     security(("bearer" = []))
 )]
+pub(crate) async fn document_json(
+    State(state): State<ApiState>,
+    tenant: Tenant,
+    ReportId(id): ReportId,
+) -> Result<Response, ApiError> {
+    serve_document(&state, &tenant, &id, DocFormat::Json).await
+}
+
+#[utoipa::path(
+    get,
+    path = "/v1/reports/{id}/report.md",
+    tag = "reports",
+    operation_id = "get_report_markdown",
+    summary = "The assembled report as Markdown",
+    description = "A header with status and totals, then the sections in template order; \
+        partial while the report runs, final once it finished.",
+    params(("id" = String, Path, description = "Report id", pattern = "^[0-9A-Za-z-]{1,64}$")),
+    responses(
+        (status = 200, description = "The document.", body = String, content_type = "text/markdown"),
+        (status = 401, description = "Missing or invalid bearer token.", body = ErrorBody,
+            headers(("www-authenticate" = String, description = "`Bearer realm=\"fanout\"`"))),
+        (status = 404, description = "Unknown, expired or another tenant's report.", body = ErrorBody),
+        (status = 503, description = "Redis is unavailable.", body = ErrorBody,
+            headers(("retry-after" = u64, description = "Seconds to wait"))),
+    ),
+    security(("bearer" = []))
+)]
+pub(crate) async fn document_md(
+    State(state): State<ApiState>,
+    tenant: Tenant,
+    ReportId(id): ReportId,
+) -> Result<Response, ApiError> {
+    serve_document(&state, &tenant, &id, DocFormat::Md).await
+}
+
+/// `GET /v1/reports/{id}/report?format=md|json` (Markdown by default), the route before
+/// `report.md` and `report.json`. Served for existing clients, left out of the OpenAPI
+/// document: one operation there has one content type, so that typed clients know what to
+/// parse.
 pub(crate) async fn document(
     State(state): State<ApiState>,
     tenant: Tenant,
     ReportId(id): ReportId,
     ApiQuery(q): ApiQuery<DocumentQuery>,
 ) -> Result<Response, ApiError> {
-    state.view_for(&tenant, &id).await?;
-    let format = q.format.unwrap_or_default();
+    serve_document(&state, &tenant, &id, q.format.unwrap_or_default()).await
+}
+
+async fn serve_document(
+    state: &ApiState,
+    tenant: &Tenant,
+    id: &str,
+    format: DocFormat,
+) -> Result<Response, ApiError> {
+    state.view_for(tenant, id).await?;
     let (store_format, content_type) = match format {
         DocFormat::Md => (Format::Markdown, "text/markdown; charset=utf-8"),
         DocFormat::Json => (Format::Json, "application/json"),
     };
     let doc = state
         .store()
-        .document(&id, store_format)
+        .document(id, store_format)
         .await?
-        .ok_or_else(|| ApiError::report_not_found(&id))?;
+        .ok_or_else(|| ApiError::report_not_found(id))?;
     Ok(([(header::CONTENT_TYPE, content_type)], doc).into_response())
 }
 

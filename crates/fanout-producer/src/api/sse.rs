@@ -61,7 +61,7 @@ fn is_stream_id(s: &str) -> bool {
         `event:` (the kind: `report.created`, `section.started`, `section.completed`, \
         `section.failed`, `section.skipped`, `section.cancelled`, `report.finished`, …) and \
         `data:` (a `ReportEvent` as JSON). After `report.finished` one `report` event carries \
-        the final report JSON (as `GET /v1/reports/{id}/report?format=json`) and the stream \
+        the final report document (as `GET /v1/reports/{id}/report.json`) and the stream \
         ends: close the EventSource on it. An `error` event (data: `ErrorBody`) ends the \
         stream early when Redis fails; reconnect with `Last-Event-ID`. Comments keep the \
         connection alive.",
