@@ -21,9 +21,11 @@ demo: build ## run a startup report and a 20-persona panel end to end on the sim
 test: deps ## run every test (each test starts its own redis-server)
 	$(CARGO) test --locked --workspace
 
-lint: ## rustfmt check, clippy with warnings denied, and the deploy files' validators
+lint: ## rustfmt check, clippy with warnings denied, cargo deny (deny.toml), and the deploy files' validators
 	$(CARGO) fmt --all --check
 	$(CARGO) clippy --locked --all-targets --workspace -- -D warnings
+	@scripts/install-deps.sh --lint
+	scripts/cargo-deny.sh
 	scripts/lint-deploy.sh
 
 api-fuzz: ## property-based test of the HTTP API against its OpenAPI document (schemathesis)

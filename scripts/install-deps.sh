@@ -3,12 +3,20 @@
 # redis-server (every test starts its own), promtool (Debian's `prometheus` package; the metrics
 # test checks the exposition with it) and openssl (the TLS test's certificate); with --clients,
 # python3's venv, node and npm (scripts/generated-clients.sh generates and runs API clients) and
-# curl. Idempotent: does nothing when everything is present.
+# curl; with --lint, cargo-deny (from crates.io, built once: a few minutes). Idempotent: does
+# nothing when everything is present.
 #
-# Usage: install-deps.sh [--demo | --clients]
+# Usage: install-deps.sh [--demo | --clients | --lint]
 set -euo pipefail
 
 mode="${1:-}"
+if [ "$mode" = --lint ]; then
+  if ! cargo deny --version >/dev/null 2>&1; then
+    echo "installing cargo-deny (cargo install)" >&2
+    cargo install --locked cargo-deny@0.19.4
+  fi
+  exit 0
+fi
 missing=()
 command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
 case "$mode" in
