@@ -515,6 +515,37 @@ mod tests {
     }
 
     #[test]
+    fn names_from_inputs_are_text_in_the_markdown_and_as_given_in_the_json() {
+        let name = "<img src=x onerror=alert(1)> *[a](javascript:b)*";
+        let view = ReportView {
+            id: "r1".into(),
+            tenant: "t".into(),
+            template: "persona-panel".into(),
+            title: "Persona panel".into(),
+            status: ReportStatus::Completed,
+            lane: Lane::Interactive,
+            created_at: 0,
+            finished_at: Some(1),
+            callback_url: None,
+            webhook: None,
+            sections: vec![job("persona", Some(0), Some(name))],
+            totals: Totals::default(),
+        };
+        let md = render_markdown(&view);
+        assert!(
+            md.contains(r"### \<img src=x onerror=alert\(1\)\> \*\[a\]\(javascript:b\)\*"),
+            "{md}"
+        );
+        // No `<` that Markdown would read as the start of HTML.
+        assert!(
+            md.match_indices('<').all(|(i, _)| md[..i].ends_with('\\')),
+            "{md}"
+        );
+        let doc = render_json(&view);
+        assert_eq!(doc["sections"][0]["items"][0]["item"], name);
+    }
+
+    #[test]
     fn the_json_document_has_the_views_names_and_formats() {
         let view = ReportView {
             id: "r1".into(),
