@@ -215,6 +215,18 @@ fn invalid_templates_and_inputs_are_rejected_with_the_problem_named_and_nothing_
             ],
             "not valid JSON",
         ),
+        (
+            &[
+                "submit",
+                "--template",
+                "startup-report",
+                "--input",
+                STARTUP,
+                "--callback-url",
+                "http://127.0.0.1:9/hook",
+            ],
+            "field `callback_url`",
+        ),
     ];
     for (args, expected) in cases {
         let (code, out, err) = cluster.fanout(args);
@@ -245,10 +257,20 @@ fn a_worker_killed_mid_report_loses_nothing() {
     let id = out.lines().next().unwrap().trim().to_owned();
     std::thread::sleep(std::time::Duration::from_millis(300));
     cluster.workers[0].kill();
-    let (code, _, err) = cluster.fanout(&["watch", &id]);
+    let (code, out, err) = cluster.fanout(&["watch", &id]);
     assert_eq!(
         code, 0,
         "the report completes on the surviving worker: {err}"
+    );
+    // Piped, `watch` still ends with the final lines: one per persona and the summary.
+    assert!(
+        out.lines().any(|l| l.starts_with("persona[0] done")),
+        "{out}"
+    );
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with(&format!("{id} completed"))),
+        "{out}"
     );
     let report = cluster.report_json(&id);
     assert_eq!(report["status"], "completed");

@@ -264,11 +264,14 @@ fn store(config: &Config) -> anyhow::Result<fanout_aggregator::Store> {
 fn producer(config: &Config) -> anyhow::Result<fanout_producer::Producer> {
     let pool = fanout_worker::redis_pool(config)?;
     let templates = fanout_producer::Templates::load(&config.reports.templates_dir)?;
+    let targets = fanout_producer::WebhookTargets::new(&config.webhooks.allow_hosts)
+        .map_err(|e| anyhow::anyhow!("config key `webhooks.allow_hosts`: {e}"))?;
     Ok(fanout_producer::Producer::new(
         fanout_aggregator::Store::from_config(pool.clone(), config),
         fanout_queue::Queue::new(pool, &config.redis.namespace, config.queue.clone()),
         templates,
-    ))
+    )
+    .with_webhook_targets(targets))
 }
 
 type OpsTask = tokio::task::JoinHandle<anyhow::Result<()>>;

@@ -26,6 +26,10 @@ pub(crate) struct SubmitArgs {
     /// A repeated submit with the same key returns the first report.
     #[arg(long)]
     idempotency_key: Option<String>,
+    /// POST the final report here when it finishes (signed; public addresses only, unless
+    /// `webhooks.allow_hosts` lists the receiver).
+    #[arg(long, value_name = "URL")]
+    callback_url: Option<String>,
     /// Queue lane: interactive (default) or batch.
     #[arg(long, value_parser = parse_lane)]
     lane: Option<Lane>,
@@ -81,7 +85,7 @@ pub(crate) async fn submit(producer: &Producer, args: SubmitArgs) -> anyhow::Res
                 inputs,
                 lane: args.lane,
                 idempotency_key: args.idempotency_key,
-                callback_url: None,
+                callback_url: args.callback_url,
             },
         )
         .await
@@ -162,6 +166,10 @@ pub(crate) async fn watch_view(store: &Store, id: &str) -> anyhow::Result<Report
         progress.update(&view);
         if view.status.is_terminal() {
             progress.finish(&view);
+            if !std::io::stderr().is_terminal() {
+                // The bars were hidden: the final state as lines, on stdout for a pipe.
+                print_final(&view);
+            }
             return Ok(view);
         }
         let events = store
@@ -269,6 +277,30 @@ impl Progress {
             view.totals.cost
         ));
     }
+}
+
+/// One line per section (per persona) and a summary line: what the bars show at the end.
+fn print_final(view: &ReportView) {
+    for s in &view.sections {
+        let mut line = format!(
+            "{} {} {} tokens",
+            s.job_id,
+            s.state,
+            s.prompt_tokens + s.completion_tokens
+        );
+        if let Some(reason) = &s.reason {
+            line.push_str(&format!(": {reason}"));
+        }
+        println!("{line}");
+    }
+    println!(
+        "{} {} in {:.1}s · {} tokens · ${:.4}",
+        view.id,
+        view.status,
+        view.totals.wall_ms as f64 / 1000.0,
+        view.totals.total_tokens,
+        view.totals.cost
+    );
 }
 
 fn short(id: &str) -> &str {
