@@ -146,6 +146,15 @@ fn a_repeated_submit_with_the_same_idempotency_key_returns_the_same_report() {
     assert_eq!(first, second);
     let stats = cluster.sim_stats();
     assert_eq!(stats["totals"]["completed"], 10, "the report ran once");
+    // One report, listed once.
+    let (code, out, err) = cluster.fanout(&["ls", "--status", "completed"]);
+    assert_eq!(code, 0, "{err}");
+    let rows: Vec<&str> = out.lines().filter(|l| l.starts_with(&first)).collect();
+    assert_eq!(rows.len(), 1, "{out}");
+    assert!(rows[0].contains("startup-report"), "{out}");
+    let (code, _, err) = cluster.fanout(&["ls", "--status", "lost"]);
+    assert_ne!(code, 0);
+    assert!(err.contains("not a status"), "{err}");
 }
 
 #[test]

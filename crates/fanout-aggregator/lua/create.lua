@@ -2,7 +2,8 @@
 -- index and the "report.created" event, after the idempotency check. One round trip.
 --
 -- KEYS[1..10]  the report keys (see lib.lua)
--- KEYS[11]     idempotency key `{ns}:idem:<tenant>:<key>` (present when ARGV[5] ~= "0")
+-- KEYS[11]     the tenant's report index `{ns}:reports:<tenant>` (ZSET id -> created ms)
+-- KEYS[12]     idempotency key `{ns}:idem:<tenant>:<key>` (present when ARGV[5] ~= "0")
 --
 -- ARGV[1..4]   ttl, events maxlen, notify maxlen, report id (see lib.lua)
 -- ARGV[5]      the request's fingerprint when an idempotency key is given, else "0"
@@ -18,7 +19,7 @@
 -- Idempotent: a repeated call with the same key or id changes nothing.
 
 if ARGV[5] ~= '0' then
-  local existing = redis.call('GET', KEYS[11])
+  local existing = redis.call('GET', KEYS[12])
   if existing then
     -- "<report id> <fingerprint>" (or a bare id, written before fingerprints).
     local id, fingerprint = string.match(existing, '^(%S+) (%S+)$')
@@ -73,8 +74,9 @@ for _, k in ipairs({ K_REMAINING, K_DEPENDENTS, K_FLAGS, K_RESULTS, K_INFO }) do
   redis.call('HSET', KEYS[k], '_', '')
 end
 if ARGV[5] ~= '0' then
-  redis.call('SET', KEYS[11], REPORT_ID .. ' ' .. ARGV[5], 'EX', TTL)
+  redis.call('SET', KEYS[12], REPORT_ID .. ' ' .. ARGV[5], 'EX', TTL)
 end
+redis.call('ZADD', KEYS[11], now, REPORT_ID)
 event('report.created', '', 'running', string.format('%d sections, %d ready', jobs, #ready - 2), now)
 touch()
 return ready

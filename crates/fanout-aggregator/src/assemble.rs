@@ -452,7 +452,7 @@ fn civil(ms: u64) -> (i64, u32, u32, u64, u64, u64, u64) {
 }
 
 /// `2025-01-02 10:00:00 UTC`.
-pub(crate) fn format_time(ms: u64) -> String {
+pub fn format_time(ms: u64) -> String {
     let (y, mo, d, h, mi, s, _) = civil(ms);
     format!("{y:04}-{mo:02}-{d:02} {h:02}:{mi:02}:{s:02} UTC")
 }

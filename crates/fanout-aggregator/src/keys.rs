@@ -55,6 +55,12 @@ impl Keys {
         format!("{{{}}}:webhooks:dead", self.namespace)
     }
 
+    /// ZSET report id → created (ms since the epoch): a tenant's reports, newest last. Entries
+    /// of expired reports are removed when a listing meets them.
+    pub fn tenant_reports(&self, tenant: &str) -> String {
+        format!("{{{}}}:reports:{tenant}", self.namespace)
+    }
+
     /// STRING tenant + idempotency key → report id, with the report TTL.
     pub fn idempotency(&self, tenant: &str, key: &str) -> String {
         format!("{{{}}}:idem:{tenant}:{key}", self.namespace)

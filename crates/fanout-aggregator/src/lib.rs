@@ -12,13 +12,13 @@ pub mod webhook;
 
 pub use aggregator::{AggregatorOptions, GROUP, OnFinished, run};
 pub use assemble::{
-    DocumentSection, ForEachSection, JobSection, ReportDocument, render_json, render_markdown,
-    report_document,
+    DocumentSection, ForEachSection, JobSection, ReportDocument, format_time, render_json,
+    render_markdown, report_document,
 };
 pub use error::{Error, Result};
 pub use keys::{Keys, ReportKeys};
 pub use store::{
-    Created, EVENTS_MAXLEN, Format, JobContext, NOTIFY_MAXLEN, NewReport, Released, ReportEvent,
-    SectionResult, StartOutcome, Started, Store,
+    Created, Cursor, EVENTS_MAXLEN, Format, JobContext, ListQuery, NOTIFY_MAXLEN, NewReport,
+    Released, ReportEvent, ReportPage, ReportSummary, SectionResult, StartOutcome, Started, Store,
 };
 pub use view::{ReportView, SectionView, Totals, WebhookState, WebhookStatus};

@@ -260,6 +260,7 @@ impl Store {
         }
 
         let mut inv = self.invocation(&self.scripts.create, &report_id);
+        inv.key(self.keys.tenant_reports(&r.tenant));
         if let Some(key) = &r.idempotency_key {
             inv.key(self.keys.idempotency(&r.tenant, key));
         }
@@ -701,6 +702,122 @@ impl Store {
     }
 
     /// The report's status, or `None` if it is unknown or expired.
+    /// A tenant's reports, newest first, `query.limit` at most, with the cursor of the next
+    /// page when there may be more. Reports that expired are dropped from the index as they are
+    /// met. Reads at most a few thousand index entries per call (a filter that matches little
+    /// returns a short page and a cursor).
+    pub async fn list(&self, tenant: &str, query: &ListQuery) -> Result<ReportPage> {
+        const BATCH: usize = 200;
+        const SCAN_MAX: usize = 5_000;
+        let index = self.keys.tenant_reports(tenant);
+        let mut conn = self.conn().await?;
+        let mut after = query.cursor.clone();
+        let mut reports = Vec::new();
+        let mut scanned = 0;
+        let min = query.since.map_or("-inf".to_owned(), |s| s.to_string());
+        loop {
+            let max = after
+                .as_ref()
+                .map_or("+inf".to_owned(), |c| c.created_at.to_string());
+            let batch: Vec<(String, f64)> = redis::cmd("ZREVRANGEBYSCORE")
+                .arg(&index)
+                .arg(&max)
+                .arg(&min)
+                .arg("WITHSCORES")
+                .arg("LIMIT")
+                .arg(0)
+                .arg(BATCH)
+                .query_async(&mut conn)
+                .await
+                .map_err(|e| self.broken(e))?;
+            let full = batch.len() == BATCH;
+            // Equal scores come in descending id order: past the cursor means a smaller id.
+            let batch: Vec<(String, u64)> = batch
+                .into_iter()
+                .map(|(id, score)| (id, score as u64))
+                .filter(|(id, created)| {
+                    after
+                        .as_ref()
+                        .is_none_or(|c| *created < c.created_at || id.as_str() < c.id.as_str())
+                })
+                .collect();
+            if batch.is_empty() {
+                return Ok(ReportPage {
+                    reports,
+                    next: None,
+                });
+            }
+            scanned += batch.len();
+            let mut pipe = redis::pipe();
+            for (id, _) in &batch {
+                pipe.cmd("HMGET")
+                    .arg(self.keys.report(id).meta())
+                    .arg(&SUMMARY_FIELDS);
+            }
+            let metas: Vec<Vec<Option<String>>> = pipe
+                .query_async(&mut conn)
+                .await
+                .map_err(|e| self.broken(e))?;
+            let mut gone = Vec::new();
+            for ((id, created), meta) in batch.iter().zip(metas) {
+                after = Some(Cursor {
+                    created_at: *created,
+                    id: id.clone(),
+                });
+                let Some(summary) = ReportSummary::from_meta(id, &meta) else {
+                    gone.push(id.clone());
+                    continue;
+                };
+                let wanted = query.status.is_none_or(|s| s == summary.status)
+                    && query
+                        .template
+                        .as_deref()
+                        .is_none_or(|t| t == summary.template);
+                if wanted {
+                    reports.push(summary);
+                    if reports.len() == query.limit {
+                        self.forget(&mut conn, &index, &gone).await?;
+                        return Ok(ReportPage {
+                            reports,
+                            next: after,
+                        });
+                    }
+                }
+            }
+            self.forget(&mut conn, &index, &gone).await?;
+            if !full {
+                return Ok(ReportPage {
+                    reports,
+                    next: None,
+                });
+            }
+            if scanned >= SCAN_MAX {
+                return Ok(ReportPage {
+                    reports,
+                    next: after,
+                });
+            }
+        }
+    }
+
+    async fn forget(
+        &self,
+        conn: &mut redis::aio::MultiplexedConnection,
+        index: &str,
+        gone: &[String],
+    ) -> Result<()> {
+        if gone.is_empty() {
+            return Ok(());
+        }
+        let _: i64 = redis::cmd("ZREM")
+            .arg(index)
+            .arg(gone)
+            .query_async(conn)
+            .await
+            .map_err(|e| self.broken(e))?;
+        Ok(())
+    }
+
     pub async fn status(&self, report_id: &str) -> Result<Option<ReportStatus>> {
         let mut conn = self.conn().await?;
         let status: Option<String> = redis::cmd("HGET")
@@ -867,6 +984,98 @@ pub(crate) fn now_ms() -> u64 {
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
 }
+/// What [`Store::list`] returns.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ListQuery {
+    pub status: Option<ReportStatus>,
+    pub template: Option<String>,
+    /// Only reports created at or after this (ms since the epoch).
+    pub since: Option<u64>,
+    /// Reports per page.
+    pub limit: usize,
+    /// Where the previous page ended.
+    pub cursor: Option<Cursor>,
+}
+
+/// A position in a tenant's report index: the last report of a page.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Cursor {
+    pub created_at: u64,
+    pub id: String,
+}
+
+impl Cursor {
+    /// `<created ms>.<report id>`, as the API hands it out.
+    pub fn encode(&self) -> String {
+        format!("{}.{}", self.created_at, self.id)
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        let (created, id) = s.split_once('.')?;
+        let valid_id = !id.is_empty()
+            && id.len() <= 64
+            && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-');
+        (valid_id && !created.is_empty() && created.len() <= 15)
+            .then(|| created.parse().ok())
+            .flatten()
+            .map(|created_at| Self {
+                created_at,
+                id: id.to_owned(),
+            })
+    }
+}
+
+/// One page of a tenant's reports, newest first.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ReportPage {
+    pub reports: Vec<ReportSummary>,
+    /// Where the next page starts; `None` on the last page.
+    pub next: Option<Cursor>,
+}
+
+const SUMMARY_FIELDS: [&str; 7] = [
+    "status",
+    "name",
+    "title",
+    "lane",
+    "created_at",
+    "finished_at",
+    "job_count",
+];
+
+/// A report in a list: what it is and where it stands, without its sections.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct ReportSummary {
+    pub id: String,
+    /// Template name.
+    pub template: String,
+    pub title: String,
+    pub status: ReportStatus,
+    pub lane: Lane,
+    /// Milliseconds since the Unix epoch (Redis clock).
+    pub created_at: u64,
+    pub finished_at: Option<u64>,
+    /// Jobs (provider calls) in the report.
+    pub jobs: usize,
+}
+
+impl ReportSummary {
+    fn from_meta(id: &str, meta: &[Option<String>]) -> Option<Self> {
+        let field = |i: usize| meta.get(i).cloned().flatten();
+        let status = ReportStatus::parse(&field(0)?)?;
+        Some(Self {
+            id: id.to_owned(),
+            template: field(1).unwrap_or_default(),
+            title: field(2).unwrap_or_default(),
+            status,
+            lane: field(3).and_then(|l| Lane::parse(&l)).unwrap_or_default(),
+            created_at: field(4).and_then(|v| v.parse().ok()).unwrap_or(0),
+            finished_at: field(5).and_then(|v| v.parse().ok()),
+            jobs: field(6).and_then(|v| v.parse().ok()).unwrap_or(0),
+        })
+    }
+}
+
 /// What an idempotency key stands for: the template, the inputs, the lane and the callback. A
 /// second create with the key and another request is a conflict, not a duplicate. The inputs are
 /// a `serde_json::Value`, whose objects keep their keys sorted, so key order does not matter.

@@ -50,6 +50,9 @@ enum Command {
     Watch(report_cmds::WatchArgs),
     /// Print a report (partial while it runs) as Markdown or JSON.
     Report(report_cmds::ReportArgs),
+    /// A tenant's reports, newest first.
+    #[command(visible_alias = "ls")]
+    Reports(report_cmds::ReportsArgs),
     /// Dead webhooks: list them, or send them again.
     #[command(subcommand)]
     Webhooks(WebhooksCommand),
@@ -216,6 +219,12 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 ops.await??;
             }
             result?;
+        }
+        Command::Reports(args) => {
+            let config = load_config(config_path)?;
+            let pool = fanout_worker::redis_pool(&config)?;
+            let store = fanout_aggregator::Store::from_config(pool, &config);
+            return report_cmds::reports(&store, args).await;
         }
         Command::Webhooks(command) => {
             let config = load_config(config_path)?;

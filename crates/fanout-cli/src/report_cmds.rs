@@ -49,6 +49,30 @@ pub(crate) struct WatchArgs {
 }
 
 #[derive(Debug, clap::Args)]
+pub(crate) struct ReportsArgs {
+    /// Whose reports (`fanout submit` submits as `default`; API tenants are named in
+    /// FANOUT_API_TOKENS).
+    #[arg(long, default_value = "default")]
+    tenant: String,
+    /// Only reports in this status (running, completed, completed_with_failures, failed,
+    /// cancelled).
+    #[arg(long, value_parser = parse_status)]
+    status: Option<ReportStatus>,
+    /// Only reports of this template.
+    #[arg(long)]
+    template: Option<String>,
+    /// How many.
+    #[arg(long, short = 'n', default_value_t = 20)]
+    limit: usize,
+}
+
+fn parse_status(s: &str) -> Result<ReportStatus, String> {
+    ReportStatus::parse(s).ok_or_else(|| {
+        format!("`{s}` is not a status; use running, completed, completed_with_failures, failed or cancelled")
+    })
+}
+
+#[derive(Debug, clap::Args)]
 pub(crate) struct ReportArgs {
     /// The report id that `fanout submit` printed.
     id: String,
@@ -330,6 +354,44 @@ pub(crate) async fn report(store: &Store, args: ReportArgs) -> anyhow::Result<Ex
         Some(path) => std::fs::write(&path, doc)
             .with_context(|| format!("cannot write --output {}", path.display()))?,
         None => println!("{doc}"),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub(crate) async fn reports(store: &Store, args: ReportsArgs) -> anyhow::Result<ExitCode> {
+    anyhow::ensure!(
+        (1..=1000).contains(&args.limit),
+        "--limit must be 1 to 1000"
+    );
+    let page = store
+        .list(
+            &args.tenant,
+            &fanout_aggregator::ListQuery {
+                status: args.status,
+                template: args.template,
+                since: None,
+                limit: args.limit,
+                cursor: None,
+            },
+        )
+        .await?;
+    if page.reports.is_empty() {
+        eprintln!("no reports for tenant `{}`", args.tenant);
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!(
+        "{:<36}  {:<23}  {:<16}  {:>4}  CREATED",
+        "ID", "STATUS", "TEMPLATE", "JOBS"
+    );
+    for r in &page.reports {
+        let created = fanout_aggregator::format_time(r.created_at);
+        println!(
+            "{:<36}  {:<23}  {:<16}  {:>4}  {created}",
+            r.id,
+            r.status.to_string(),
+            truncate(&r.template, 16),
+            r.jobs
+        );
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -154,6 +154,18 @@ impl FanoutClient {
         json(check(resp).await?).await
     }
 
+    /// One page of the caller's reports, newest first: `query` is the query string of
+    /// `GET /v1/reports` (`status=completed&limit=50&cursor=…`, or empty).
+    pub async fn list(&self, query: &str) -> Result<crate::api::ReportList> {
+        let path = if query.is_empty() {
+            "/v1/reports".to_owned()
+        } else {
+            format!("/v1/reports?{query}")
+        };
+        let resp = self.request(reqwest::Method::GET, &path).send().await?;
+        json(check(resp).await?).await
+    }
+
     /// The assembled document, Markdown or JSON text.
     pub async fn report(&self, id: &str, format: DocFormat) -> Result<String> {
         let ext = match format {

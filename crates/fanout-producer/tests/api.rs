@@ -1599,3 +1599,116 @@ async fn webhooks_cannot_be_aimed_at_internal_addresses() -> Result<()> {
     );
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn reports_are_listed_per_tenant_newest_first_with_filters_and_pages() -> Result<()> {
+    // No worker: reports stay running unless cancelled.
+    let s = Stack::start(Options {
+        env: vec![("FANOUT_API_TOKENS", TOKENS.into())],
+        ..Options::default()
+    })
+    .await?;
+    let (get, post) = (reqwest::Method::GET, reqwest::Method::POST);
+    let mut acme = Vec::new();
+    for n in 0..4 {
+        let body = if n == 2 {
+            json!({"template": "startup-report", "inputs": {"idea": "A bakery"}})
+        } else {
+            panel(1, None)
+        };
+        let (status, _, r) = s
+            .call(post.clone(), "/v1/reports", Some(ACME), Some(&body))
+            .await?;
+        assert_eq!(status, StatusCode::ACCEPTED, "{r}");
+        acme.push(r["id"].as_str().context("id")?.to_owned());
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let (_, _, other) = s
+        .call(
+            post.clone(),
+            "/v1/reports",
+            Some(GLOBEX),
+            Some(&panel(1, None)),
+        )
+        .await?;
+    let other = other["id"].as_str().context("id")?.to_owned();
+    let (status, _, _) = s
+        .call(
+            reqwest::Method::DELETE,
+            &format!("/v1/reports/{}", acme[0]),
+            Some(ACME),
+            None,
+        )
+        .await?;
+    assert_eq!(status, StatusCode::ACCEPTED);
+
+    let ids = |page: &Value| -> Vec<String> {
+        page["reports"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|r| r["id"].as_str().map(str::to_owned))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let list = |token: &'static str, query: &str| {
+        let path = format!("/v1/reports?{query}");
+        let (s, get) = (&s, get.clone());
+        async move {
+            let (status, _, body) = s.call(get, &path, Some(token), None).await?;
+            anyhow::Ok((status, body))
+        }
+    };
+
+    // Newest first, only the caller's.
+    let (status, all) = list(ACME, "").await?;
+    assert_eq!(status, StatusCode::OK, "{all}");
+    let newest_first: Vec<String> = acme.iter().rev().cloned().collect();
+    assert_eq!(ids(&all), newest_first);
+    assert!(all.get("next_cursor").is_none(), "{all}");
+    assert_eq!(all["reports"][0]["template"], "persona-panel");
+    assert_eq!(all["reports"][1]["template"], "startup-report");
+    assert_eq!(
+        all["reports"][1]["jobs"].as_u64().map(|j| j > 1),
+        Some(true)
+    );
+    let (_, theirs) = list(GLOBEX, "").await?;
+    assert_eq!(ids(&theirs), [other]);
+
+    // Filters.
+    let (_, panels) = list(ACME, "template=persona-panel").await?;
+    assert_eq!(
+        ids(&panels),
+        [acme[3].clone(), acme[1].clone(), acme[0].clone()]
+    );
+    let (_, cancelled) = list(ACME, "status=cancelled").await?;
+    assert_eq!(ids(&cancelled), [acme[0].clone()]);
+    let created = all["reports"][1]["created_at"]
+        .as_u64()
+        .context("created_at")?;
+    let (_, recent) = list(ACME, &format!("since={created}")).await?;
+    assert_eq!(ids(&recent), [acme[3].clone(), acme[2].clone()]);
+
+    // Pages of two: every report once, in order.
+    let (_, first) = list(ACME, "limit=2").await?;
+    assert_eq!(ids(&first), newest_first[..2]);
+    let cursor = first["next_cursor"].as_str().context("next_cursor")?;
+    let (_, second) = list(ACME, &format!("limit=2&cursor={cursor}")).await?;
+    assert_eq!(ids(&second), newest_first[2..]);
+
+    // Bad parameters name themselves.
+    for (query, field) in [
+        ("limit=0", "limit"),
+        ("limit=101", "limit"),
+        ("cursor=yesterday", "cursor"),
+        ("status=lost", "status"),
+        ("since=-1", "since"),
+    ] {
+        let (status, err) = list(ACME, query).await?;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{query}: {err}");
+        assert_eq!(error_of(&err).1, Some(field), "{query}: {err}");
+    }
+    s.shutdown().await;
+    Ok(())
+}

@@ -101,6 +101,16 @@ pub struct Accepted {
     pub links: Links,
 }
 
+/// `GET /v1/reports`: one page of the caller's reports, newest first.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct ReportList {
+    pub reports: Vec<fanout_aggregator::ReportSummary>,
+    /// Pass as `cursor` for the next page; absent on the last page.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(example = "1764500000000.0190f5d2-6f5b-7c2e-9a51-3c2d1e0f9a8b")]
+    pub next_cursor: Option<String>,
+}
+
 /// A report whose cancellation was requested (`DELETE`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct ReportRef {

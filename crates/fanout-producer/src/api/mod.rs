@@ -14,7 +14,8 @@ pub use fanout_aggregator::webhook;
 
 pub use auth::OPEN_TENANT;
 pub use dto::{
-    Accepted, Health, InputInfo, ItemInfo, Links, ReportRef, SectionInfo, SubmitBody, TemplateInfo,
+    Accepted, Health, InputInfo, ItemInfo, Links, ReportList, ReportRef, SectionInfo, SubmitBody,
+    TemplateInfo,
 };
 pub use error::{ApiError, ErrorBody, ErrorDetail};
 /// The bodies of `GET /v1/reports/{id}`, of the event stream and of the JSON document, as the
@@ -206,7 +207,10 @@ impl ApiState {
 pub fn router(state: ApiState) -> Router {
     let max_body = state.inner.max_body_bytes;
     Router::new()
-        .route("/v1/reports", axum::routing::post(routes::submit))
+        .route(
+            "/v1/reports",
+            axum::routing::post(routes::submit).get(routes::list_reports),
+        )
         .route(
             "/v1/reports/{id}",
             get(routes::get_report).delete(routes::cancel),

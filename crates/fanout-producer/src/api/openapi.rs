@@ -34,6 +34,7 @@ use crate::Templates;
     ),
     paths(
         routes::submit,
+        routes::list_reports,
         routes::get_report,
         routes::cancel,
         sse::events,
@@ -52,6 +53,8 @@ use crate::Templates;
         dto::Accepted,
         dto::ReportRef,
         dto::Links,
+        dto::ReportList,
+        fanout_aggregator::ReportSummary,
         ReportView,
         SectionView,
         Totals,

@@ -11,7 +11,7 @@ use utoipa::ToSchema;
 
 use super::ApiState;
 use super::auth::Tenant;
-use super::dto::{Accepted, Health, Links, ReportRef, SubmitBody, TemplateInfo};
+use super::dto::{Accepted, Health, Links, ReportList, ReportRef, SubmitBody, TemplateInfo};
 use super::error::{ApiError, ErrorBody};
 use super::extract::{ApiJson, ApiQuery, ReportId};
 
@@ -104,6 +104,97 @@ pub(crate) async fn submit(
         links,
     };
     Ok((code, headers, Json(body)).into_response())
+}
+
+/// Reports per page unless `limit` says otherwise, and the most a page holds.
+const LIST_DEFAULT: usize = 20;
+const LIST_MAX: usize = 100;
+/// The largest `since` accepted: JSON numbers are exact up to 2^53 in every client.
+const SINCE_MAX: u64 = 9_007_199_254_740_991;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct ListParams {
+    #[serde(default)]
+    status: Option<ReportStatus>,
+    #[serde(default)]
+    template: Option<String>,
+    #[serde(default)]
+    since: Option<u64>,
+    #[serde(default)]
+    limit: Option<usize>,
+    #[serde(default)]
+    cursor: Option<String>,
+}
+
+#[utoipa::path(
+    get,
+    path = "/v1/reports",
+    tag = "reports",
+    operation_id = "list_reports",
+    summary = "The caller's reports, newest first",
+    description = "One page at a time: pass `next_cursor` as `cursor` for the next. Filters: \
+        `status`, `template`, `since` (created at or after, ms since the epoch). Reports are \
+        listed until they expire (`reports.ttl_secs` after they finished).",
+    params(
+        ("status" = Option<ReportStatus>, Query, description = "Only reports in this status"),
+        ("template" = Option<String>, Query, description = "Only reports of this template", max_length = 100),
+        ("since" = Option<u64>, Query, description = "Only reports created at or after this (ms since the epoch)", minimum = 0, maximum = 9_007_199_254_740_991_u64),
+        ("limit" = Option<usize>, Query, description = "Reports per page (default 20)", minimum = 1, maximum = 100),
+        ("cursor" = Option<String>, Query, description = "`next_cursor` of the previous page", pattern = "^[0-9]{1,15}\\.[0-9A-Za-z-]{1,64}$"),
+    ),
+    responses(
+        (status = 200, description = "One page of reports.", body = ReportList),
+        (status = 400, description = "A query parameter is invalid; `field` names it.", body = ErrorBody),
+        (status = 401, description = "Missing or invalid bearer token.", body = ErrorBody,
+            headers(("www-authenticate" = String, description = "`Bearer realm=\"fanout\"`"))),
+        (status = 503, description = "Redis is unavailable.", body = ErrorBody,
+            headers(("retry-after" = u64, description = "Seconds to wait"))),
+    ),
+    security(("bearer" = []))
+)]
+pub(crate) async fn list_reports(
+    State(state): State<ApiState>,
+    tenant: Tenant,
+    ApiQuery(q): ApiQuery<ListParams>,
+) -> Result<Json<ReportList>, ApiError> {
+    let bad = |field: &str, message: &str| {
+        ApiError::new(StatusCode::BAD_REQUEST, "invalid_query", message).with_field(field)
+    };
+    let limit = q.limit.unwrap_or(LIST_DEFAULT);
+    if !(1..=LIST_MAX).contains(&limit) {
+        return Err(bad("limit", "must be 1 to 100"));
+    }
+    if q.since.is_some_and(|s| s > SINCE_MAX) {
+        return Err(bad("since", "must be at most 9007199254740991"));
+    }
+    if q.template.as_ref().is_some_and(|t| t.chars().count() > 100) {
+        return Err(bad("template", "must be at most 100 characters"));
+    }
+    let cursor = match q.cursor.as_deref() {
+        Some(c) => Some(
+            fanout_aggregator::Cursor::parse(c)
+                .ok_or_else(|| bad("cursor", "is not a cursor this API handed out"))?,
+        ),
+        None => None,
+    };
+    let page = state
+        .store()
+        .list(
+            &tenant.0,
+            &fanout_aggregator::ListQuery {
+                status: q.status,
+                template: q.template,
+                since: q.since,
+                limit,
+                cursor,
+            },
+        )
+        .await?;
+    Ok(Json(ReportList {
+        reports: page.reports,
+        next_cursor: page.next.map(|c| c.encode()),
+    }))
 }
 
 #[utoipa::path(
