@@ -77,6 +77,9 @@ if ARGV[5] ~= '0' then
   redis.call('SET', KEYS[12], REPORT_ID .. ' ' .. ARGV[5], 'EX', TTL)
 end
 redis.call('ZADD', KEYS[11], now, REPORT_ID)
+-- Entries far older than any report can live (the TTL after finishing, plus a week of running)
+-- go, so an index nobody lists does not grow without bound.
+redis.call('ZREMRANGEBYSCORE', KEYS[11], '-inf', now - (tonumber(TTL) + 7 * 86400) * 1000)
 event('report.created', '', 'running', string.format('%d sections, %d ready', jobs, #ready - 2), now)
 touch()
 return ready
