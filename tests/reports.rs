@@ -155,6 +155,17 @@ fn a_repeated_submit_with_the_same_idempotency_key_returns_the_same_report() {
     let (code, _, err) = cluster.fanout(&["ls", "--status", "lost"]);
     assert_ne!(code, 0);
     assert!(err.contains("not a status"), "{err}");
+    // The operator's view: lanes (nothing left), the budget that ran it, the webhook outbox.
+    let (code, out, err) = cluster.fanout(&["status"]);
+    assert_eq!(code, 0, "{err}");
+    let lane = out
+        .lines()
+        .find(|l| l.starts_with("interactive"))
+        .unwrap_or_else(|| panic!("{out}"));
+    let numbers: Vec<&str> = lane.split_whitespace().skip(1).take(4).collect();
+    assert_eq!(numbers, ["0", "0", "0", "0"], "{out}");
+    assert!(out.lines().any(|l| l.starts_with("default/")), "{out}");
+    assert!(out.contains("webhooks: 0 in the outbox, 0 dead"), "{out}");
 }
 
 #[test]

@@ -18,6 +18,7 @@ mod demo;
 mod local_redis;
 mod ops;
 mod report_cmds;
+mod status;
 mod telemetry;
 
 /// Fanout: LLM report jobs on Redis, run by any number of workers under one shared provider
@@ -53,6 +54,8 @@ enum Command {
     /// A tenant's reports, newest first.
     #[command(visible_alias = "ls")]
     Reports(report_cmds::ReportsArgs),
+    /// The queue per lane, the shared budget per key and model family, and the webhook outbox.
+    Status,
     /// Dead webhooks: list them, or send them again.
     #[command(subcommand)]
     Webhooks(WebhooksCommand),
@@ -219,6 +222,9 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 ops.await??;
             }
             result?;
+        }
+        Command::Status => {
+            return status::status(load_config(config_path)?).await;
         }
         Command::Reports(args) => {
             let config = load_config(config_path)?;
