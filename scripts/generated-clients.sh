@@ -29,27 +29,10 @@ if [ ! -x "$VENV/bin/openapi-python-client" ]; then
 fi
 (cd tests/clients && npm ci --silent --no-audit --no-fund)
 
-cargo build --locked -q -p fanout-cli
-BIN="${CARGO_TARGET_DIR:-target}/debug"
-
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()'; }
-REDIS_PORT=$(free_port); SIM_PORT=$(free_port); API_PORT=$(free_port)
-WORK=$(mktemp -d)
-PIDS=()
-cleanup() {
-  for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  rm -rf "$WORK"
-}
-trap cleanup EXIT
-
-redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save "" --appendonly no --dir "$WORK" \
-  --loglevel warning >"$WORK/redis.log" 2>&1 &
-PIDS+=($!)
+source scripts/lib/local-stack.sh
 # A provider call takes a few hundred milliseconds: a report runs long enough to be cancelled,
 # short enough to finish in a second or two.
-"$BIN/fanout" sim --listen "127.0.0.1:$SIM_PORT" --time-scale 0.05 >"$WORK/sim.log" 2>&1 &
-PIDS+=($!)
+start_redis_and_sim 0.05
 
 TOKEN="clients-token-$(date +%s)"
 export REDIS_URL="redis://127.0.0.1:$REDIS_PORT" \
@@ -58,22 +41,9 @@ export REDIS_URL="redis://127.0.0.1:$REDIS_PORT" \
   FANOUT_API_TOKENS="$TOKEN=tenant-a" \
   FANOUT_REDIS__NAMESPACE=clients \
   RUST_LOG="${RUST_LOG:-warn}"
-"$BIN/fanout" api --listen "127.0.0.1:$API_PORT" >"$WORK/api.log" 2>&1 &
-PIDS+=($!)
-"$BIN/fanout" worker --concurrency 20 >"$WORK/worker.log" 2>&1 &
-PIDS+=($!)
-"$BIN/fanout" aggregator >"$WORK/aggregator.log" 2>&1 &
-PIDS+=($!)
-
-for _ in $(seq 1 300); do
-  curl -fsS "http://127.0.0.1:$API_PORT/readyz" >/dev/null 2>&1 && break
-  sleep 0.1
-done
-curl -fsS "http://127.0.0.1:$API_PORT/openapi.json" -o "$WORK/openapi.json" || {
-  echo "the api did not become ready; its log:" >&2
-  cat "$WORK/api.log" >&2 || true
-  exit 1
-}
+start_fanout 20
+wait_ready
+curl -fsS "http://127.0.0.1:$API_PORT/openapi.json" -o "$WORK/openapi.json"
 
 GEN="$ROOT/tests/clients/generated"
 rm -rf "$GEN"

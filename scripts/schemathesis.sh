@@ -14,25 +14,8 @@ MAX_EXAMPLES="${MAX_EXAMPLES:-50}"
 command -v schemathesis >/dev/null || python3 -m pip install --quiet "schemathesis>=4,<5"
 command -v redis-server >/dev/null || { echo "redis-server is not installed (scripts/install-deps.sh)" >&2; exit 2; }
 
-cargo build --locked -q -p fanout-cli
-BIN="${CARGO_TARGET_DIR:-target}/debug"
-
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()'; }
-REDIS_PORT=$(free_port); SIM_PORT=$(free_port); API_PORT=$(free_port)
-WORK=$(mktemp -d)
-PIDS=()
-cleanup() {
-  for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  rm -rf "$WORK"
-}
-trap cleanup EXIT
-
-redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save "" --appendonly no --dir "$WORK" \
-  --loglevel warning >"$WORK/redis.log" 2>&1 &
-PIDS+=($!)
-"$BIN/fanout" sim --listen "127.0.0.1:$SIM_PORT" --time-scale 0 >"$WORK/sim.log" 2>&1 &
-PIDS+=($!)
+source scripts/lib/local-stack.sh
+start_redis_and_sim 0
 
 TOKEN="schemathesis-token-$(date +%s)"
 # Submissions unlimited (schemathesis submits many reports, some with 100 personas) and a
@@ -50,22 +33,8 @@ export REDIS_URL="redis://127.0.0.1:$REDIS_PORT" \
   FANOUT_API__MAX_BODY_BYTES=16777216 \
   FANOUT_REDIS__NAMESPACE=schemathesis \
   RUST_LOG="${RUST_LOG:-warn}"
-"$BIN/fanout" api --listen "127.0.0.1:$API_PORT" >"$WORK/api.log" 2>&1 &
-PIDS+=($!)
-"$BIN/fanout" worker --concurrency 50 >"$WORK/worker.log" 2>&1 &
-PIDS+=($!)
-"$BIN/fanout" aggregator >"$WORK/aggregator.log" 2>&1 &
-PIDS+=($!)
-
-for _ in $(seq 1 300); do
-  curl -fsS "http://127.0.0.1:$API_PORT/healthz" >/dev/null 2>&1 && break
-  sleep 0.1
-done
-if ! curl -fsS "http://127.0.0.1:$API_PORT/readyz" >/dev/null; then
-  echo "the api did not become ready; its log:" >&2
-  cat "$WORK/api.log" >&2 || true
-  exit 1
-fi
+start_fanout 50
+wait_ready
 
 # Rejections the schema cannot express, allowed per operation: cancelling a report that already
 # finished (409, a state rule), and an event id that has the right form but names no entry of

@@ -4,6 +4,12 @@
 //! cluster slot. The global keys (the notification stream, idempotency keys) share the tag
 //! `{<namespace>}`.
 
+/// Whether `id` can be a report id. Report ids are UUIDs; this is looser (any id the store
+/// could hold), and keeps odd bytes out of Redis key names.
+pub fn is_report_id(id: &str) -> bool {
+    !id.is_empty() && id.len() <= 64 && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+}
+
 /// Key names for one namespace.
 #[derive(Debug, Clone)]
 pub struct Keys {

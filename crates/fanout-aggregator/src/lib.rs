@@ -16,7 +16,7 @@ pub use assemble::{
     render_markdown, report_document,
 };
 pub use error::{Error, Result};
-pub use keys::{Keys, ReportKeys};
+pub use keys::{Keys, ReportKeys, is_report_id};
 pub use store::{
     Created, Cursor, EVENTS_MAXLEN, Format, JobContext, ListQuery, NOTIFY_MAXLEN, NewReport,
     Released, ReportEvent, ReportPage, ReportSummary, SectionResult, StartOutcome, Started, Store,

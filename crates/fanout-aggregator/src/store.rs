@@ -1012,10 +1012,7 @@ impl Cursor {
 
     pub fn parse(s: &str) -> Option<Self> {
         let (created, id) = s.split_once('.')?;
-        let valid_id = !id.is_empty()
-            && id.len() <= 64
-            && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-');
-        (valid_id && !created.is_empty() && created.len() <= 15)
+        (crate::is_report_id(id) && !created.is_empty() && created.len() <= 15)
             .then(|| created.parse().ok())
             .flatten()
             .map(|created_at| Self {

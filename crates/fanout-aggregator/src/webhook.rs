@@ -267,12 +267,6 @@ impl Webhooks {
             .dns_resolver(options.targets.resolver())
             .user_agent(concat!("fanout-webhook/", env!("CARGO_PKG_VERSION")))
             .build()?;
-        if options.secret.is_none() {
-            warn!(
-                env = SECRET_ENV,
-                "no webhook secret set: webhook deliveries are not signed"
-            );
-        }
         Ok(Self {
             inner: Arc::new(Inner {
                 client,
@@ -289,6 +283,13 @@ impl Webhooks {
     /// lease). Redis trouble is logged and retried; this returns only after `shutdown`.
     pub async fn run(&self, shutdown: CancellationToken, grace: Duration) {
         let inner = &self.inner;
+        // Said by the deliverer only: the CLI's `webhooks` and `status` read the outbox too.
+        if inner.options.secret.is_none() {
+            warn!(
+                env = SECRET_ENV,
+                "no webhook secret set: webhook deliveries are not signed"
+            );
+        }
         let permits = Arc::new(Semaphore::new(inner.options.max_in_flight.max(1)));
         let tracker = TaskTracker::new();
         // Consecutive failed claims: the poll backs off (to 32 × `poll`) while Redis is away.

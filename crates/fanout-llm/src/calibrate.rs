@@ -14,7 +14,7 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
 
 use crate::client::ChatRequest;
-use crate::tokens::estimate_prompt_tokens;
+use crate::tokens::{PER_MESSAGE, PER_REPLY, estimate_prompt_tokens};
 
 /// Answers remembered per model: the ratio follows a provider that changes its counting within
 /// this many calls.
@@ -25,10 +25,6 @@ const MIN_PROMPT: u64 = 32;
 /// The ratio is never taken above this: a provider that reports four times our count is reporting
 /// something else (cached or tool tokens), and following it would starve the budget.
 const MAX_RATIO: f64 = 4.0;
-/// Tokens every chat message costs besides its content, and the reply's priming (the chat format's
-/// overhead, added to both counts).
-const PER_MESSAGE: u64 = 4;
-const PER_REPLY: u64 = 3;
 
 /// Per-model ratios of the provider's prompt count to ours (see the module docs).
 ///
@@ -79,7 +75,8 @@ pub struct Ratios {
     pub chars: Option<f64>,
 }
 
-/// A prompt's size as characters / 4, with the chat format's overhead.
+/// A prompt's size as characters / 4, with the chat format's overhead (the same as the
+/// tokenizer's estimate adds).
 fn chars_estimate(system: Option<&str>, user: &str) -> u64 {
     let chars = |s: &str| s.chars().count().div_ceil(4) as u64;
     let system = system.map_or(0, |s| PER_MESSAGE + chars(s));

@@ -7,9 +7,9 @@ use crate::bpe::Encoding;
 use crate::client::ChatRequest;
 
 /// Tokens every chat message costs besides its content (`<|start|>role\n … <|end|>`).
-const PER_MESSAGE: u64 = 4;
+pub(crate) const PER_MESSAGE: u64 = 4;
 /// Tokens that prime the reply (`<|start|>assistant<|message|>`).
-const PER_REPLY: u64 = 3;
+pub(crate) const PER_REPLY: u64 = 3;
 
 static O200K: LazyLock<Encoding> = LazyLock::new(Encoding::o200k_base);
 static CL100K: LazyLock<Encoding> = LazyLock::new(Encoding::cl100k_base);

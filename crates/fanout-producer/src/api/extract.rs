@@ -215,11 +215,7 @@ pub(crate) fn parse_query<T: DeserializeOwned>(query: &str) -> Result<T, ApiErro
 #[derive(Debug)]
 pub(crate) struct ReportId(pub(crate) String);
 
-/// Report ids are UUIDs; this is looser (any id the store could hold), and keeps odd bytes
-/// out of Redis key names.
-pub(crate) fn is_report_id(id: &str) -> bool {
-    !id.is_empty() && id.len() <= 64 && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
-}
+pub(crate) use fanout_aggregator::is_report_id;
 
 impl<S: Send + Sync> FromRequestParts<S> for ReportId {
     type Rejection = ApiError;
