@@ -46,8 +46,9 @@ local function notify(kind)
     'report_id', REPORT_ID, 'kind', kind)
 end
 
--- Report keys live TTL seconds after the report was created, then after it finished. Only
--- create, finish and cancel call this: nine EXPIREs per transition would double its cost.
+-- Report keys live TTL seconds after the report was created, then after it finished (or was
+-- reopened). Only create, finish, cancel and reopen call this: nine EXPIREs per transition
+-- would double its cost.
 local function touch()
   for i = 1, REPORT_KEYS do
     redis.call('EXPIRE', KEYS[i], TTL)

@@ -3,9 +3,10 @@
 //! `on_finished` hook.
 
 use std::panic::AssertUnwindSafe;
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 use std::time::{Duration, Instant};
 
+use redis::Script;
 use redis::aio::MultiplexedConnection;
 use redis::streams::{StreamAutoClaimReply, StreamId, StreamReadReply};
 use tokio_util::sync::CancellationToken;
@@ -19,7 +20,8 @@ use crate::view::ReportView;
 /// The consumer group of the aggregator processes on the notification stream.
 pub const GROUP: &str = "aggregator";
 
-/// Called once per finished report, after its documents are stored. It runs on the
+/// Called once per finish of a report, after its documents are stored (a report an operator
+/// reopened finishes, and is assembled, again). It runs on the
 /// aggregator's loop: hand the view to a channel or a task tracker rather than block.
 pub type OnFinished = Arc<dyn Fn(ReportView) + Send + Sync>;
 
@@ -62,6 +64,33 @@ impl std::fmt::Debug for AggregatorOptions {
             .finish()
     }
 }
+
+/// Stores a finished report's documents if it is still the finish that was rendered: an
+/// operator may reopen the report meanwhile (`Store::reopen`), and documents of the earlier
+/// finish would then be served, and never replaced. KEYS: meta, doc:md, doc:json (the report's
+/// slot). ARGV: status, finished_at, markdown, json, ttl. Returns 1 when stored.
+const STORE_DOCS: &str = r"
+local m = redis.call('HMGET', KEYS[1], 'status', 'finished_at')
+if m[1] ~= ARGV[1] or tonumber(m[2]) ~= tonumber(ARGV[2]) then
+  return 0
+end
+redis.call('SET', KEYS[2], ARGV[3], 'EX', ARGV[5])
+redis.call('SET', KEYS[3], ARGV[4], 'EX', ARGV[5])
+return 1
+";
+static STORE_DOCS_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(STORE_DOCS));
+
+/// Marks a report assembled under the same condition as [`STORE_DOCS`]: after a reopen the
+/// next finish must find no `done`. KEYS: meta, assembled. ARGV: status, finished_at, ttl.
+const MARK_DONE: &str = r"
+local m = redis.call('HMGET', KEYS[1], 'status', 'finished_at')
+if m[1] ~= ARGV[1] or tonumber(m[2]) ~= tonumber(ARGV[2]) then
+  return 0
+end
+redis.call('SET', KEYS[2], 'done', 'EX', ARGV[3])
+return 1
+";
+static MARK_DONE_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(MARK_DONE));
 
 /// What to do with a notification once handled.
 #[derive(Debug, PartialEq, Eq)]
@@ -339,21 +368,28 @@ impl Aggregator {
         }
         let markdown = render_markdown(&view);
         let json = render_json(&view).to_string();
+        // The finish these documents are of: the report may be reopened until they are stored.
+        let finish = (
+            view.status.as_str(),
+            view.finished_at.map_or(String::new(), |t| t.to_string()),
+        );
         let mut conn = self.store.pool().get().await?;
-        let _: ((), ()) = redis::pipe()
-            .atomic()
-            .cmd("SET")
-            .arg(keys.doc_markdown())
+        let stored: i64 = STORE_DOCS_SCRIPT
+            .key(keys.meta())
+            .key(keys.doc_markdown())
+            .key(keys.doc_json())
+            .arg(finish.0)
+            .arg(&finish.1)
             .arg(markdown)
-            .arg("EX")
-            .arg(ttl)
-            .cmd("SET")
-            .arg(keys.doc_json())
             .arg(json)
-            .arg("EX")
             .arg(ttl)
-            .query_async(&mut conn)
+            .invoke_async(&mut conn)
             .await?;
+        if stored == 0 {
+            // Reopened (its lease went with it): its next finish notifies again.
+            info!(report = %report_id, "report reopened while being assembled, left to its next finish");
+            return Ok(Outcome::Ack);
+        }
         if let Some(url) = &view.callback_url {
             // The webhook outbox, delivered by `webhook::Webhooks::run`. Written before
             // the report counts as assembled: a crash in between assembles it again (NX keeps
@@ -393,14 +429,22 @@ impl Aggregator {
             }
         }
         let mut conn = self.store.pool().get().await?;
-        let _: () = redis::cmd("SET")
-            .arg(keys.assembled())
-            .arg("done")
-            .arg("EX")
+        let marked: i64 = MARK_DONE_SCRIPT
+            .key(keys.meta())
+            .key(keys.assembled())
+            .arg(finish.0)
+            .arg(&finish.1)
             .arg(ttl)
-            .query_async(&mut conn)
+            .invoke_async(&mut conn)
             .await?;
-        info!(report = %report_id, status = %status, sections, "report assembled");
+        if marked == 0 {
+            // The reopen deleted the documents; the webhook entry written above is dropped by
+            // it too, unless that write came after the reopen (then the deliverer gives it up
+            // as expired, or the next finish reuses it).
+            info!(report = %report_id, "report reopened right after it was assembled, left to its next finish");
+        } else {
+            info!(report = %report_id, status = %status, sections, "report assembled");
+        }
         Ok(Outcome::Ack)
     }
 }

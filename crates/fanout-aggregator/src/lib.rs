@@ -19,6 +19,7 @@ pub use error::{Error, Result};
 pub use keys::{Keys, ReportKeys, is_report_id};
 pub use store::{
     Created, Cursor, EVENTS_MAXLEN, Format, JobContext, ListQuery, NOTIFY_MAXLEN, NewReport,
-    Released, ReportEvent, ReportPage, ReportSummary, SectionResult, StartOutcome, Started, Store,
+    Released, Reopened, ReportEvent, ReportPage, ReportSummary, SectionResult, StartOutcome,
+    Started, Store,
 };
 pub use view::{ReportView, SectionView, Totals, WebhookState, WebhookStatus};

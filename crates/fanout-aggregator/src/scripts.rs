@@ -12,6 +12,7 @@ pub(crate) struct Scripts {
     pub(crate) fail: Script,
     pub(crate) released: Script,
     pub(crate) cancel: Script,
+    pub(crate) reopen: Script,
 }
 
 fn with_lib(body: &str) -> Script {
@@ -27,6 +28,7 @@ impl Scripts {
             fail: with_lib(include_str!("../lua/fail.lua")),
             released: with_lib(include_str!("../lua/released.lua")),
             cancel: with_lib(include_str!("../lua/cancel.lua")),
+            reopen: with_lib(include_str!("../lua/reopen.lua")),
         }
     }
 }

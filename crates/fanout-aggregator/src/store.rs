@@ -105,6 +105,29 @@ pub struct Released {
     pub report_finished: bool,
 }
 
+/// What [`Store::reopen`] did with a job.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reopened {
+    /// The failed job is `ready` again, with fresh attempts: enqueue `node` (a replay). The
+    /// dependents it had skipped are pending again (unless another failed dependency keeps
+    /// them skipped), released when it finishes.
+    Reopened {
+        node: JobNode,
+        /// The report had finished (failed, completed_with_failures or completed) and is
+        /// running again: its next finish is assembled, and its webhook sent, again.
+        report_was_finished: bool,
+    },
+    /// The failed job is `pending` again: one of its dependencies was reopened too and has not
+    /// finished. That dependency's `complete` or `fail` releases it (in [`Released::ready`])
+    /// like any pending job; enqueueing it now would run it without that input.
+    Waiting { node: JobNode },
+    /// The job is not failed: nothing changed. A repeated reopen finds it `ready` (or further
+    /// along), so replaying twice runs the section once more, not twice.
+    NotFailed { state: SectionState },
+    /// The report (or the job) was cancelled, which is final: nothing changed.
+    Cancelled,
+}
+
 /// Everything a worker needs to render a job's prompt.
 #[derive(Debug, Clone)]
 pub struct JobContext {
@@ -128,7 +151,9 @@ pub struct ReportEvent {
     #[schema(example = "1718000000000-0")]
     pub id: String,
     /// `report.created`, `section.ready`, `section.started`, `section.completed`,
-    /// `section.failed`, `section.skipped`, `section.cancelled`, `report.finished`.
+    /// `section.failed`, `section.skipped`, `section.cancelled`, `report.finished`;
+    /// `report.reopened` and `section.reopened` when an operator replays a failed section
+    /// (after which the report finishes again).
     pub kind: String,
     pub job_id: Option<String>,
     /// The section state, or the report status for `report.*` events.
@@ -669,6 +694,129 @@ impl Store {
         .ok_or_else(|| Error::corrupt(report_id, format!("cancel replied {reply:?}")))?;
         serde_json::from_str(ids)
             .map_err(|e| Error::corrupt(report_id, format!("cancelled ids: {e}")))
+    }
+
+    /// Reopen a failed job so that it runs again: an operator replays its dead letter. The
+    /// job becomes `ready` with fresh attempts (its error, times and attempt counts go; the
+    /// failure stays in the events); the dependents skipped because of it, transitively, are
+    /// pending again unless another failed or skipped dependency keeps them skipped; pending
+    /// dependents wait for it again. Dependents that were released by the failure (ready,
+    /// running, done) are left as they are. A finished report is running again: its status,
+    /// documents, assembly marker and webhook state are reset and its webhook outbox entry is
+    /// dropped, so that when it finishes again the aggregator assembles it and queues a fresh
+    /// webhook (with the whole attempt budget).
+    ///
+    /// Returns the node to enqueue ([`Reopened::Reopened`]); the caller enqueues it. A job
+    /// that is not failed changes nothing ([`Reopened::NotFailed`]), nor does a cancelled
+    /// report ([`Reopened::Cancelled`]). `Err(ReportNotFound)` / `Err(UnknownJob)` for an
+    /// unknown or expired report, or a job it does not have.
+    pub async fn reopen(&self, report_id: &str, job_id: &str) -> Result<Reopened> {
+        let keys = self.keys.report(report_id);
+        let mut inv = self.invocation(&self.scripts.reopen, report_id);
+        inv.key(keys.assembled())
+            .key(keys.doc_markdown())
+            .key(keys.doc_json());
+        inv.arg(job_id).arg("replayed by an operator");
+        let mut conn = self.conn().await?;
+        let reply: Vec<String> = inv
+            .invoke_async(&mut conn)
+            .await
+            .map_err(|e| self.broken(e))?;
+        let reopened = match reply.first().map(String::as_str) {
+            Some("reopened") if reply.len() == 4 => {
+                let node = parse_nodes(&reply[3..], report_id)?
+                    .pop()
+                    .ok_or_else(|| Error::corrupt(report_id, "reopen replied no node"))?;
+                match reply[1].as_str() {
+                    "ready" => Reopened::Reopened {
+                        node,
+                        report_was_finished: reply[2] == "1",
+                    },
+                    "pending" => Reopened::Waiting { node },
+                    other => {
+                        return Err(Error::corrupt(
+                            report_id,
+                            format!("reopen left job `{job_id}` in state `{other}`"),
+                        ));
+                    }
+                }
+            }
+            Some("not_failed") => {
+                let state = reply
+                    .get(1)
+                    .and_then(|s| SectionState::parse(s))
+                    .ok_or_else(|| {
+                        Error::corrupt(report_id, format!("reopen replied {reply:?}"))
+                    })?;
+                return Ok(Reopened::NotFailed { state });
+            }
+            Some("cancelled") => return Ok(Reopened::Cancelled),
+            Some("missing") => {
+                return Err(Error::ReportNotFound {
+                    report: report_id.to_owned(),
+                });
+            }
+            Some("unknown_job") => {
+                return Err(Error::UnknownJob {
+                    report: report_id.to_owned(),
+                    job: job_id.to_owned(),
+                });
+            }
+            _ => {
+                return Err(Error::corrupt(
+                    report_id,
+                    format!("reopen replied {reply:?}"),
+                ));
+            }
+        };
+        if matches!(
+            reopened,
+            Reopened::Reopened {
+                report_was_finished: true,
+                ..
+            }
+        ) {
+            self.drop_webhook(&mut conn, report_id).await;
+        }
+        Ok(reopened)
+    }
+
+    /// Drop the webhook outbox entry of a report that was reopened (the outbox has the
+    /// namespace's slot, not the report's, hence outside the script). Its document is gone
+    /// and the next finish queues a fresh entry; a stale one would be given up on as expired,
+    /// or hand the new webhook its used-up attempts and backoff. Best effort: the reopen
+    /// itself is done and the job must still be enqueued, so a failure here is logged, not
+    /// returned.
+    async fn drop_webhook(&self, conn: &mut redis::aio::MultiplexedConnection, report_id: &str) {
+        let k = &self.keys;
+        let dropped: redis::RedisResult<()> = redis::pipe()
+            .atomic()
+            .cmd("ZREM")
+            .arg(k.webhooks_due())
+            .arg(report_id)
+            .ignore()
+            .cmd("HDEL")
+            .arg(k.webhooks_url())
+            .arg(report_id)
+            .ignore()
+            .cmd("HDEL")
+            .arg(k.webhooks_attempts())
+            .arg(report_id)
+            .ignore()
+            .query_async(conn)
+            .await;
+        if let Err(e) = dropped {
+            self.shared.check(&e);
+            tracing::warn!(
+                report = %report_id,
+                error = %e,
+                "reopened report: its old webhook outbox entry could not be dropped; remove it \
+                 by hand: ZREM {} {report_id}, HDEL {} {report_id}, HDEL {} {report_id}",
+                k.webhooks_due(),
+                k.webhooks_url(),
+                k.webhooks_attempts(),
+            );
+        }
     }
 
     /// The report as it stands, or `None` if it is unknown or expired. One round trip.

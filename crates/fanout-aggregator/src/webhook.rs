@@ -22,6 +22,10 @@
 //!   replays)
 //! - `X-Fanout-Event: report.finished`, `X-Fanout-Report-Id: <id>` (the same on every attempt
 //!   and on a rare repeat after a crash: deduplicate on it), `X-Fanout-Attempt: <n>`
+//!
+//! A report an operator reopened ([`crate::Store::reopen`]) finishes again and is sent again,
+//! with the same report id and a later `finished_at` in the body: a receiver that deduplicates
+//! on the id alone keeps the first finish.
 
 use std::sync::{Arc, LazyLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -455,6 +459,27 @@ impl Webhooks {
     }
 
     /// Every entry of the dead stream with its stream id, oldest first.
+    /// Forget a report's dead webhook: the operator gave up on it. False when it had none.
+    pub async fn drop_dead(&self, report_id: &str) -> Result<bool, WebhookError> {
+        let mut conn = self.inner.pool.get().await?;
+        let ids: Vec<String> = self
+            .dead_entries(&mut conn)
+            .await?
+            .into_iter()
+            .filter(|(_, d)| d.report_id == report_id)
+            .map(|(id, _)| id)
+            .collect();
+        if ids.is_empty() {
+            return Ok(false);
+        }
+        let n: i64 = redis::cmd("XDEL")
+            .arg(self.inner.keys.webhooks_dead())
+            .arg(&ids)
+            .query_async(&mut conn)
+            .await?;
+        Ok(n > 0)
+    }
+
     async fn dead_entries(
         &self,
         conn: &mut deadpool_redis::Connection,

@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::*;
-use fanout_aggregator::{AggregatorOptions, Format, GROUP, ReportView, Store, run};
+use fanout_aggregator::{AggregatorOptions, Format, GROUP, Reopened, ReportView, Store, run};
 use fanout_core::ReportStatus;
 use redis::Commands;
 use serde_json::json;
@@ -238,4 +238,138 @@ async fn the_aggregator_survives_a_redis_restart() {
 
     shutdown.cancel();
     task.await.unwrap();
+}
+
+async fn stored(env: &Env, report: &str) -> Option<String> {
+    let mut conn = env.redis.client().get_connection().unwrap();
+    conn.get(env.store.keys().report(report).doc_markdown())
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_reopened_report_is_assembled_and_queued_for_its_webhook_again() {
+    let env = env();
+    let shutdown = CancellationToken::new();
+    let (seen, task) = start(&env.store, "agg", Duration::from_secs(30), &shutdown);
+    let k = env.store.keys().clone();
+    let mut conn = env.redis.client().get_connection().unwrap();
+
+    let mut r = new_report(LINE, json!({}));
+    r.callback_url = Some("https://example.com/hook".into());
+    let r = env.store.create(r).await.unwrap().report_id;
+    env.store.fail(&r, "a", "provider down").await.unwrap();
+    wait_for(
+        "the first finish assembled",
+        Duration::from_secs(10),
+        || count(&seen, &r) == 1,
+    )
+    .await;
+    let md = stored(&env, &r).await.expect("markdown stored");
+    assert!(md.contains("❌ failed: provider down"), "{md}");
+    // The deliverer delivered it: the outbox entry is gone, the record says delivered.
+    let _: () = redis::pipe()
+        .zrem(k.webhooks_due(), &r)
+        .hdel(k.webhooks_url(), &r)
+        .hset(k.report(&r).meta(), "webhook_state", "delivered")
+        .query(&mut conn)
+        .unwrap();
+
+    let reopened = env.store.reopen(&r, "a").await.unwrap();
+    let Reopened::Reopened {
+        node,
+        report_was_finished: true,
+    } = reopened
+    else {
+        panic!("a failed in a finished report: {reopened:?}");
+    };
+    assert_eq!(stored(&env, &r).await, None, "the old document is gone");
+    run_all(&env.store, &r, vec![node]).await;
+    wait_for(
+        "the second finish assembled",
+        Duration::from_secs(10),
+        || count(&seen, &r) == 2,
+    )
+    .await;
+    let md = stored(&env, &r).await.expect("markdown stored again");
+    assert!(md.contains("✅ Completed"), "{md}");
+    assert!(md.contains("text of a"), "{md}");
+    assert!(!md.contains("provider down"), "{md}");
+    let last = seen.lock().unwrap().last().cloned().unwrap();
+    assert_eq!(last.status, ReportStatus::Completed);
+    // A fresh webhook is queued, due at once, shown pending on the report.
+    let due: Option<f64> = conn.zscore(k.webhooks_due(), &r).unwrap();
+    assert_eq!(due, Some(0.0));
+    let view = env.store.view(&r).await.unwrap().unwrap();
+    assert_eq!(
+        view.webhook.map(|w| w.state),
+        Some(fanout_aggregator::WebhookState::Pending)
+    );
+
+    shutdown.cancel();
+    task.await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_report_reopened_while_it_is_assembled_is_assembled_at_its_next_finish() {
+    let env = env();
+    let shutdown = CancellationToken::new();
+    let r = env
+        .store
+        .create(new_report(LINE, json!({})))
+        .await
+        .unwrap()
+        .report_id;
+
+    // The hook runs after the documents are stored and before the report counts as
+    // assembled: the report is reopened right there, once.
+    let seen: Seen = Arc::default();
+    let sink = seen.clone();
+    let store = env.store.clone();
+    let id = r.clone();
+    let options = AggregatorOptions {
+        consumer: "agg".into(),
+        block: Duration::from_millis(200),
+        on_finished: Some(Arc::new(move |v: ReportView| {
+            let first = {
+                let mut seen = sink.lock().unwrap();
+                seen.push(v);
+                seen.len() == 1
+            };
+            if first {
+                let reopened = tokio::task::block_in_place(|| {
+                    tokio::runtime::Handle::current().block_on(store.reopen(&id, "a"))
+                });
+                assert!(matches!(reopened, Ok(Reopened::Reopened { .. })));
+            }
+        })),
+        ..AggregatorOptions::default()
+    };
+    let task = tokio::spawn(run(env.store.clone(), options, shutdown.child_token()));
+
+    env.store.fail(&r, "a", "provider down").await.unwrap();
+    wait_for(
+        "the first finish assembled",
+        Duration::from_secs(10),
+        || count(&seen, &r) == 1,
+    )
+    .await;
+    let mut conn = env.redis.client().get_connection().unwrap();
+    let assembled: Option<String> = conn.get(env.store.keys().report(&r).assembled()).unwrap();
+    assert_eq!(assembled, None, "not marked assembled: it was reopened");
+
+    let a = env.store.view(&r).await.unwrap().unwrap();
+    assert_eq!(a.status, ReportStatus::Running);
+    let node = env.store.job_context(&r, "a").await.unwrap().node;
+    run_all(&env.store, &r, vec![node]).await;
+    wait_for(
+        "the second finish assembled",
+        Duration::from_secs(10),
+        || count(&seen, &r) == 2,
+    )
+    .await;
+    let md = stored(&env, &r).await.expect("markdown stored");
+    assert!(md.contains("✅ Completed"), "{md}");
+
+    shutdown.cancel();
+    task.await.unwrap().unwrap();
 }

@@ -6,7 +6,9 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::*;
-use fanout_aggregator::{Error, Format, StartOutcome, Started, render_markdown};
+use fanout_aggregator::{
+    Error, Format, ListQuery, Reopened, StartOutcome, Started, render_markdown,
+};
 use fanout_core::{DepOutput, ReportStatus, SectionState};
 use redis::Commands;
 use serde_json::json;
@@ -634,4 +636,380 @@ async fn every_report_key_gets_the_ttl_when_the_report_finishes() {
             .unwrap()
             .is_none()
     );
+}
+
+/// The kinds, job ids and states of the events after `after` (an index into all events).
+async fn events_from(
+    store: &fanout_aggregator::Store,
+    report: &str,
+    after: usize,
+) -> Vec<(String, String, String)> {
+    store.events(report, None, None, 1000).await.unwrap()[after..]
+        .iter()
+        .map(|e| {
+            (
+                e.kind.clone(),
+                e.job_id.clone().unwrap_or_default(),
+                e.state.clone().unwrap_or_default(),
+            )
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn reopen_runs_a_failed_section_again_and_the_report_finishes_again() {
+    let env = env();
+    let mut r = new_report(LINE, json!({}));
+    r.callback_url = Some("https://example.com/hook".into());
+    let r = env.store.create(r).await.unwrap().report_id;
+    let keys = env.store.keys().report(&r);
+    let k = env.store.keys();
+    let mut c = env.redis.client().get_connection().unwrap();
+
+    // a is dead-lettered after three deliveries: b and c are skipped, the report is failed.
+    for attempt in 1..=3 {
+        env.store.start(&r, "a", attempt).await.unwrap();
+    }
+    let failed = env
+        .store
+        .fail_after(&r, "a", "provider down", 4)
+        .await
+        .unwrap();
+    assert!(failed.report_finished);
+    assert!(failed.ready.is_empty());
+    assert_eq!(
+        env.store.status(&r).await.unwrap(),
+        Some(ReportStatus::Failed)
+    );
+    // What the aggregator and the webhook deliverer leave behind for a finished report.
+    let _: () = c.set(keys.assembled(), "done").unwrap();
+    let _: () = c.set(keys.doc_markdown(), "# Line (failed)").unwrap();
+    let _: () = c.set(keys.doc_json(), "{}").unwrap();
+    let _: () = c
+        .hset_multiple(
+            keys.meta(),
+            &[
+                ("webhook_state", "retrying"),
+                ("webhook_attempts", "2"),
+                ("webhook_next_at", "1"),
+                ("webhook_error", "the receiver answered 503"),
+            ],
+        )
+        .unwrap();
+    let _: () = c.zadd(k.webhooks_due(), &r, 12345).unwrap();
+    let _: () = c
+        .hset(k.webhooks_url(), &r, "https://example.com/hook")
+        .unwrap();
+    let _: () = c.hset(k.webhooks_attempts(), &r, 2).unwrap();
+    let seen = env.store.events(&r, None, None, 1000).await.unwrap().len();
+
+    let reopened = env.store.reopen(&r, "a").await.unwrap();
+    let Reopened::Reopened {
+        node,
+        report_was_finished,
+    } = reopened
+    else {
+        panic!("a failed: it is reopened, got {reopened:?}");
+    };
+    assert_eq!(node.id, "a");
+    assert!(node.depends_on.is_empty());
+    assert!(report_was_finished);
+
+    let view = env.store.view(&r).await.unwrap().unwrap();
+    assert_eq!(view.status, ReportStatus::Running);
+    assert_eq!(view.finished_at, None);
+    assert_eq!(
+        view.webhook, None,
+        "the webhook state of the last finish is gone"
+    );
+    let a = view.section("a").unwrap();
+    assert_eq!(a.state, SectionState::Ready);
+    assert_eq!(
+        (a.reason.as_deref(), a.attempts, a.started_at, a.finished_at),
+        (None, 0, None, None),
+        "fresh attempts"
+    );
+    for job in ["b", "c"] {
+        let s = view.section(job).unwrap();
+        assert_eq!(s.state, SectionState::Pending, "{job}");
+        assert_eq!((s.reason.as_deref(), s.finished_at), (None, None), "{job}");
+    }
+    assert_eq!(view.totals.in_progress, 3);
+    let remaining: Vec<i64> = c.hmget(keys.remaining(), &["b", "c"]).unwrap();
+    assert_eq!(remaining, [1, 1]);
+    let terminal: i64 = c.hget(keys.meta(), "terminal").unwrap();
+    assert_eq!(terminal, 0);
+    // Assembled again and sent again at the next finish: nothing of the last one is left.
+    let left: i64 = c
+        .exists(&[keys.assembled(), keys.doc_markdown(), keys.doc_json()])
+        .unwrap();
+    assert_eq!(left, 0);
+    let due: Option<f64> = c.zscore(k.webhooks_due(), &r).unwrap();
+    let url: Option<String> = c.hget(k.webhooks_url(), &r).unwrap();
+    let attempts: Option<u32> = c.hget(k.webhooks_attempts(), &r).unwrap();
+    assert_eq!((due, url, attempts), (None, None, None));
+    let ttl: i64 = c.ttl(keys.meta()).unwrap();
+    assert!(ttl > 0 && ttl <= 3600, "the report keys keep a TTL: {ttl}");
+    assert_eq!(
+        events_from(&env.store, &r, seen).await,
+        [
+            ("report.reopened".into(), "".into(), "running".into()),
+            ("section.reopened".into(), "a".into(), "ready".into()),
+            ("section.reopened".into(), "b".into(), "pending".into()),
+            ("section.reopened".into(), "c".into(), "pending".into()),
+        ]
+    );
+    // Listings and documents show it running.
+    let page = env
+        .store
+        .list(
+            "acme",
+            &ListQuery {
+                limit: 10,
+                ..ListQuery::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(page.reports.len(), 1);
+    assert_eq!(page.reports[0].status, ReportStatus::Running);
+    assert_eq!(page.reports[0].finished_at, None);
+    let doc = env.store.document(&r, Format::Json).await.unwrap().unwrap();
+    let doc: serde_json::Value = serde_json::from_str(&doc).unwrap();
+    assert_eq!(doc["status"], "running");
+
+    // A second replay before the section ran changes nothing.
+    let seen = env.store.events(&r, None, None, 1000).await.unwrap().len();
+    assert_eq!(
+        env.store.reopen(&r, "a").await.unwrap(),
+        Reopened::NotFailed {
+            state: SectionState::Ready
+        }
+    );
+    assert!(events_from(&env.store, &r, seen).await.is_empty());
+
+    // The section runs again; the report finishes again, completed.
+    assert_eq!(
+        env.store.start(&r, "a", 1).await.unwrap(),
+        StartOutcome::Run
+    );
+    let after_a = env.store.complete(&r, "a", result("A")).await.unwrap();
+    assert_eq!(ids(&after_a.ready), ["b"]);
+    assert!(!after_a.report_finished);
+    let after_b = env.store.complete(&r, "b", result("B")).await.unwrap();
+    assert_eq!(ids(&after_b.ready), ["c"]);
+    let after_c = env.store.complete(&r, "c", result("C")).await.unwrap();
+    assert!(after_c.report_finished);
+    let view = env.store.view(&r).await.unwrap().unwrap();
+    assert_eq!(view.status, ReportStatus::Completed);
+    assert!(view.finished_at.is_some());
+    assert_eq!(view.section("a").unwrap().attempts, 1);
+    assert_eq!(view.section("a").unwrap().text.as_deref(), Some("A"));
+    let finishes = env
+        .store
+        .events(&r, None, None, 1000)
+        .await
+        .unwrap()
+        .iter()
+        .filter(|e| e.kind == "report.finished")
+        .count();
+    assert_eq!(finishes, 2);
+    let notified: usize = c.xlen(k.notifications()).unwrap();
+    assert_eq!(notified, 2, "the aggregators are told of both finishes");
+
+    // Done now: replaying again is a no-op.
+    assert_eq!(
+        env.store.reopen(&r, "a").await.unwrap(),
+        Reopened::NotFailed {
+            state: SectionState::Done
+        }
+    );
+    assert_eq!(
+        env.store.status(&r).await.unwrap(),
+        Some(ReportStatus::Completed)
+    );
+    assert!(matches!(
+        env.store.reopen(&r, "zzz").await,
+        Err(Error::UnknownJob { .. })
+    ));
+    assert!(matches!(
+        env.store.reopen("nope", "a").await,
+        Err(Error::ReportNotFound { .. })
+    ));
+}
+
+#[tokio::test]
+async fn reopen_keeps_a_dependent_skipped_while_another_dependency_failed() {
+    let env = env();
+    // a, b → c (skip) → d (skip); c → e (continue).
+    let r = env.store.create(diamond()).await.unwrap().report_id;
+    env.store.fail(&r, "a", "a down").await.unwrap();
+    let rel = env.store.fail(&r, "b", "b down").await.unwrap();
+    assert_eq!(ids(&rel.ready), ["e"], "e continues without c");
+    env.store.complete(&r, "e", result("E")).await.unwrap();
+    assert_eq!(
+        env.store.status(&r).await.unwrap(),
+        Some(ReportStatus::CompletedWithFailures)
+    );
+    let mut conn = env.redis.client().get_connection().unwrap();
+    let keys = env.store.keys().report(&r);
+
+    // a again: c still has a failed dependency (b), so c and d stay skipped.
+    let reopened = env.store.reopen(&r, "a").await.unwrap();
+    assert!(matches!(
+        reopened,
+        Reopened::Reopened {
+            ref node,
+            report_was_finished: true
+        } if node.id == "a"
+    ));
+    let view = env.store.view(&r).await.unwrap().unwrap();
+    assert_eq!(view.status, ReportStatus::Running);
+    let state = |id: &str| view.section(id).unwrap().state;
+    use SectionState::*;
+    assert_eq!(
+        [state("a"), state("b"), state("c"), state("d"), state("e")],
+        [Ready, Failed, Skipped, Skipped, Done]
+    );
+    assert_eq!(
+        view.section("c").unwrap().reason.as_deref(),
+        Some("dependency `b` failed"),
+        "the reason names what keeps it skipped"
+    );
+    assert_eq!(
+        view.section("d").unwrap().reason.as_deref(),
+        Some("dependency `c` was skipped")
+    );
+    let terminal: i64 = conn.hget(keys.meta(), "terminal").unwrap();
+    assert_eq!(terminal, 4);
+
+    // b again: nothing keeps c skipped any more; c and d wait for a and b.
+    assert!(matches!(
+        env.store.reopen(&r, "b").await.unwrap(),
+        Reopened::Reopened {
+            report_was_finished: false,
+            ..
+        }
+    ));
+    let view = env.store.view(&r).await.unwrap().unwrap();
+    let state = |id: &str| view.section(id).unwrap().state;
+    assert_eq!(
+        [state("a"), state("b"), state("c"), state("d"), state("e")],
+        [Ready, Ready, Pending, Pending, Done],
+        "e already ran without c: it is left done"
+    );
+    let remaining: Vec<i64> = conn.hmget(keys.remaining(), &["c", "d"]).unwrap();
+    assert_eq!(remaining, [2, 1]);
+
+    assert!(
+        env.store
+            .complete(&r, "a", result("A"))
+            .await
+            .unwrap()
+            .ready
+            .is_empty()
+    );
+    let rel = env.store.complete(&r, "b", result("B")).await.unwrap();
+    assert_eq!(ids(&rel.ready), ["c"]);
+    let rel = env.store.complete(&r, "c", result("C")).await.unwrap();
+    assert_eq!(ids(&rel.ready), ["d"], "e is done, not released again");
+    let rel = env.store.complete(&r, "d", result("D")).await.unwrap();
+    assert!(rel.report_finished);
+    let view = env.store.view(&r).await.unwrap().unwrap();
+    assert_eq!(view.status, ReportStatus::Completed);
+    assert_eq!(view.section("e").unwrap().text.as_deref(), Some("E"));
+}
+
+#[tokio::test]
+async fn reopen_gives_a_waiting_dependent_its_input_back_and_waits_for_a_reopened_dependency() {
+    let env = env();
+    let mut conn = env.redis.client().get_connection().unwrap();
+
+    // summary (continue) waits for three personas; one failed, so it waits for two.
+    let r = env
+        .store
+        .create(panel(&["Ann", "Bo", "Cy"]))
+        .await
+        .unwrap()
+        .report_id;
+    let keys = env.store.keys().report(&r);
+    env.store.fail(&r, "persona[0]", "down").await.unwrap();
+    let left: i64 = conn.hget(keys.remaining(), "summary").unwrap();
+    assert_eq!(left, 2);
+    assert!(matches!(
+        env.store.reopen(&r, "persona[0]").await.unwrap(),
+        Reopened::Reopened {
+            report_was_finished: false,
+            ..
+        }
+    ));
+    let left: i64 = conn.hget(keys.remaining(), "summary").unwrap();
+    assert_eq!(left, 3, "the reopened persona is outstanding again");
+    for p in ["persona[0]", "persona[1]"] {
+        env.store.complete(&r, p, result(p)).await.unwrap();
+    }
+    let rel = env
+        .store
+        .complete(&r, "persona[2]", result("C"))
+        .await
+        .unwrap();
+    assert_eq!(ids(&rel.ready), ["summary"]);
+
+    // root failed, side (continue) ran without it and failed too. Reopening root, then side:
+    // side waits for root, which releases it.
+    let r = env
+        .store
+        .create(new_report(CHAIN, json!({})))
+        .await
+        .unwrap()
+        .report_id;
+    env.store.fail(&r, "root", "down").await.unwrap();
+    let rel = env.store.fail(&r, "side", "no input").await.unwrap();
+    assert!(rel.report_finished);
+    assert!(matches!(
+        env.store.reopen(&r, "root").await.unwrap(),
+        Reopened::Reopened {
+            report_was_finished: true,
+            ..
+        }
+    ));
+    let view = env.store.view(&r).await.unwrap().unwrap();
+    assert_eq!(
+        view.section("side").unwrap().state,
+        SectionState::Failed,
+        "a dependent that already ran is left as it is"
+    );
+    let waiting = env.store.reopen(&r, "side").await.unwrap();
+    assert!(
+        matches!(&waiting, Reopened::Waiting { node } if node.id == "side"),
+        "{waiting:?}"
+    );
+    let view = env.store.view(&r).await.unwrap().unwrap();
+    assert_eq!(view.section("side").unwrap().state, SectionState::Pending);
+    let rel = env.store.complete(&r, "root", result("R")).await.unwrap();
+    assert_eq!(ids(&rel.ready), ["mid", "side"]);
+}
+
+#[tokio::test]
+async fn a_cancelled_report_cannot_be_reopened() {
+    let env = env();
+    let r = env.store.create(diamond()).await.unwrap().report_id;
+    env.store.fail(&r, "a", "down").await.unwrap();
+    env.store.cancel(&r).await.unwrap();
+    let seen = env.store.events(&r, None, None, 1000).await.unwrap().len();
+
+    assert_eq!(
+        env.store.reopen(&r, "a").await.unwrap(),
+        Reopened::Cancelled,
+        "a failed job of a cancelled report"
+    );
+    assert_eq!(
+        env.store.reopen(&r, "b").await.unwrap(),
+        Reopened::Cancelled,
+        "a cancelled job"
+    );
+    let view = env.store.view(&r).await.unwrap().unwrap();
+    assert_eq!(view.status, ReportStatus::Cancelled);
+    assert_eq!(view.section("a").unwrap().state, SectionState::Failed);
+    assert!(events_from(&env.store, &r, seen).await.is_empty());
 }

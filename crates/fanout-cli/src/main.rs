@@ -12,6 +12,7 @@ use clap::{Parser, Subcommand};
 use fanout_core::Config;
 use tokio_util::sync::CancellationToken;
 
+mod backend;
 mod bench;
 mod bench_budget;
 mod demo;
@@ -33,6 +34,8 @@ struct Cli {
     /// A TOML config file layered over the defaults (see config/default.toml for every key).
     #[arg(long, global = true, value_name = "FILE")]
     config: Option<PathBuf>,
+    #[command(flatten)]
+    remote: backend::RemoteArgs,
     #[command(subcommand)]
     command: Command,
 }
@@ -54,11 +57,15 @@ enum Command {
     /// A tenant's reports, newest first.
     #[command(visible_alias = "ls")]
     Reports(report_cmds::ReportsArgs),
-    /// The queue per lane, the shared budget per key and model family, and the webhook outbox.
-    Status,
-    /// Dead webhooks: list them, or send them again.
+    /// The queue per lane, the workers alive, the shared budget per key and model family, and
+    /// the webhook outbox.
+    Status(status::StatusArgs),
+    /// Dead-lettered jobs: list them, run them again, or drop them.
     #[command(subcommand)]
-    Webhooks(WebhooksCommand),
+    Dead(status::DeadCommand),
+    /// Dead webhooks: list them, send them again, or drop them.
+    #[command(subcommand)]
+    Webhooks(status::WebhooksCommand),
     /// Run everything in one process on the simulated provider: a startup report and a
     /// 20-persona panel.
     Demo(demo::DemoArgs),
@@ -88,26 +95,6 @@ struct ApiArgs {
     listen: Option<SocketAddr>,
 }
 
-#[derive(Debug, clap::Subcommand)]
-enum WebhooksCommand {
-    /// The most recent webhooks given up on, newest first, with their reasons.
-    Dead {
-        /// How many to list.
-        #[arg(long, default_value_t = 20)]
-        count: usize,
-    },
-    /// Send reports' webhooks again from their first attempt (a dead one, or one its receiver
-    /// lost).
-    Redeliver {
-        /// Report ids.
-        #[arg(required_unless_present = "all_dead", conflicts_with = "all_dead")]
-        reports: Vec<String>,
-        /// Every dead webhook.
-        #[arg(long)]
-        all_dead: bool,
-    },
-}
-
 #[derive(Debug, clap::Args)]
 struct AggregatorArgs {
     /// Serve /metrics, /healthz and /readyz here (default: metrics.listen; off when empty).
@@ -130,7 +117,7 @@ fn main() -> ExitCode {
     }
 }
 
-fn load_config(path: Option<&std::path::Path>) -> anyhow::Result<Arc<Config>> {
+pub(crate) fn load_config(path: Option<&std::path::Path>) -> anyhow::Result<Arc<Config>> {
     let config = Config::from_env(path)?;
     telemetry::init(&config.log.format, &config.log.level);
     Ok(Arc::new(config))
@@ -223,41 +210,26 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             result?;
         }
-        Command::Status => {
-            return status::status(load_config(config_path)?).await;
+        Command::Status(args) => {
+            return status::status(&backend(&cli.remote, config_path)?, args).await;
         }
-        Command::Reports(args) => {
-            let config = load_config(config_path)?;
-            let pool = fanout_worker::redis_pool(&config)?;
-            let store = fanout_aggregator::Store::from_config(pool, &config);
-            return report_cmds::reports(&store, args).await;
+        Command::Dead(command) => {
+            return status::dead(&backend(&cli.remote, config_path)?, command).await;
         }
         Command::Webhooks(command) => {
-            let config = load_config(config_path)?;
-            let pool = fanout_worker::redis_pool(&config)?;
-            let store = fanout_aggregator::Store::from_config(pool, &config);
-            let webhooks = fanout_aggregator::webhook::Webhooks::new(
-                fanout_aggregator::webhook::WebhookOptions::from_config(
-                    &config.webhooks,
-                    &std::collections::HashMap::new(),
-                )
-                .map_err(anyhow::Error::msg)?,
-                &store,
-            )?;
-            return webhooks_command(&webhooks, command).await;
+            return status::webhooks(&backend(&cli.remote, config_path)?, command).await;
+        }
+        Command::Reports(args) => {
+            return report_cmds::reports(&backend(&cli.remote, config_path)?, args).await;
         }
         Command::Submit(args) => {
-            let config = load_config(config_path)?;
-            let producer = producer(&config)?;
-            return report_cmds::submit(&producer, args).await;
+            return report_cmds::submit(&backend(&cli.remote, config_path)?, args).await;
         }
         Command::Watch(args) => {
-            let config = load_config(config_path)?;
-            return report_cmds::watch(&store(&config)?, args).await;
+            return report_cmds::watch(&backend(&cli.remote, config_path)?, args).await;
         }
         Command::Report(args) => {
-            let config = load_config(config_path)?;
-            return report_cmds::report(&store(&config)?, args).await;
+            return report_cmds::report(&backend(&cli.remote, config_path)?, args).await;
         }
         Command::Bench(args) => {
             telemetry::init_from_env_with("warn");
@@ -271,22 +243,15 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn store(config: &Config) -> anyhow::Result<fanout_aggregator::Store> {
-    let pool = fanout_worker::redis_pool(config)?;
-    Ok(fanout_aggregator::Store::from_config(pool, config))
-}
-
-fn producer(config: &Config) -> anyhow::Result<fanout_producer::Producer> {
-    let pool = fanout_worker::redis_pool(config)?;
-    let templates = fanout_producer::Templates::load(&config.reports.templates_dir)?;
-    let targets = fanout_producer::WebhookTargets::new(&config.webhooks.allow_hosts)
-        .map_err(|e| anyhow::anyhow!("config key `webhooks.allow_hosts`: {e}"))?;
-    Ok(fanout_producer::Producer::new(
-        fanout_aggregator::Store::from_config(pool.clone(), config),
-        fanout_queue::Queue::new(pool, &config.redis.namespace, config.queue.clone()),
-        templates,
-    )
-    .with_webhook_targets(targets))
+/// The commands that work over Redis or over the API (`--api`).
+fn backend(
+    remote: &backend::RemoteArgs,
+    config: Option<&std::path::Path>,
+) -> anyhow::Result<backend::Backend> {
+    if remote.api.is_some() {
+        telemetry::init_from_env_with("warn");
+    }
+    backend::Backend::new(remote, config.map(std::path::Path::to_path_buf))
 }
 
 type OpsTask = tokio::task::JoinHandle<anyhow::Result<()>>;
@@ -324,48 +289,4 @@ fn spawn_signal_handler(shutdown: CancellationToken) {
             shutdown.cancel();
         }
     });
-}
-
-async fn webhooks_command(
-    webhooks: &fanout_aggregator::webhook::Webhooks,
-    command: WebhooksCommand,
-) -> anyhow::Result<ExitCode> {
-    match command {
-        WebhooksCommand::Dead { count } => {
-            let dead = webhooks.dead(count).await?;
-            if dead.is_empty() {
-                println!("no dead webhooks");
-            }
-            for d in dead {
-                println!(
-                    "{}  attempts {}  {}\n    {}",
-                    d.report_id, d.attempts, d.url, d.reason
-                );
-            }
-            Ok(ExitCode::SUCCESS)
-        }
-        WebhooksCommand::Redeliver { reports, all_dead } => {
-            if all_dead {
-                let (queued, expired) = webhooks.redeliver_dead().await?;
-                println!("{queued} webhooks queued again; {expired} of expired reports left dead");
-                return Ok(ExitCode::SUCCESS);
-            }
-            let mut missing = 0;
-            for id in &reports {
-                if webhooks.redeliver(id).await? {
-                    println!("{id}: queued again");
-                } else {
-                    eprintln!(
-                        "{id}: not queued: the report is unknown or expired, or has no callback_url"
-                    );
-                    missing += 1;
-                }
-            }
-            Ok(if missing == 0 {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::FAILURE
-            })
-        }
-    }
 }

@@ -6,9 +6,12 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Context;
-use fanout_aggregator::{Format, ReportView, Store};
+use fanout_aggregator::{Format, ReportEvent, ReportView};
 use fanout_core::report::{Lane, ReportStatus, SectionState};
-use fanout_producer::{Producer, SubmitRequest};
+use fanout_producer::SubmitRequest;
+use fanout_producer::api::DocFormat;
+
+use crate::backend::{Backend, remote_error};
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 
 #[derive(Debug, clap::Args)]
@@ -50,10 +53,10 @@ pub(crate) struct WatchArgs {
 
 #[derive(Debug, clap::Args)]
 pub(crate) struct ReportsArgs {
-    /// Whose reports (`fanout submit` submits as `default`; API tenants are named in
-    /// FANOUT_API_TOKENS).
-    #[arg(long, default_value = "default")]
-    tenant: String,
+    /// Whose reports: without --api, default `default` (what `fanout submit` submits as);
+    /// with --api, default the token's tenant (another one needs an admin token).
+    #[arg(long)]
+    tenant: Option<String>,
     /// Only reports in this status (running, completed, completed_with_failures, failed,
     /// cancelled).
     #[arg(long, value_parser = parse_status)]
@@ -61,7 +64,7 @@ pub(crate) struct ReportsArgs {
     /// Only reports of this template.
     #[arg(long)]
     template: Option<String>,
-    /// How many.
+    /// How many (1 to 100).
     #[arg(long, short = 'n', default_value_t = 20)]
     limit: usize,
 }
@@ -99,33 +102,45 @@ pub(crate) fn read_inputs(path: &Path) -> anyhow::Result<serde_json::Value> {
     })
 }
 
-pub(crate) async fn submit(producer: &Producer, args: SubmitArgs) -> anyhow::Result<ExitCode> {
+pub(crate) async fn submit(backend: &Backend, args: SubmitArgs) -> anyhow::Result<ExitCode> {
     let inputs = read_inputs(&args.input)?;
-    let submitted = producer
-        .submit(
-            "default",
-            SubmitRequest {
-                template: args.template,
-                inputs,
-                lane: args.lane,
-                idempotency_key: args.idempotency_key,
-                callback_url: args.callback_url,
-            },
-        )
-        .await
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
-    println!("{}", submitted.report_id);
-    if submitted.duplicate {
+    let request = SubmitRequest {
+        template: args.template,
+        inputs,
+        lane: args.lane,
+        idempotency_key: args.idempotency_key,
+        callback_url: args.callback_url,
+    };
+    let (id, duplicate, warnings) = match backend {
+        Backend::Local(local) => {
+            let submitted = local
+                .producer()?
+                .submit("default", request)
+                .await
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            let warning = local.ops()?.idle_warning().await.ok().flatten();
+            (
+                submitted.report_id,
+                submitted.duplicate,
+                warning.into_iter().collect(),
+            )
+        }
+        Backend::Remote(client) => {
+            let a = client.submit(&request).await.map_err(remote_error)?;
+            (a.id, a.duplicate, a.warnings)
+        }
+    };
+    println!("{id}");
+    if duplicate {
         eprintln!("(an earlier submit with this idempotency key made this report)");
+    }
+    for w in warnings {
+        eprintln!("warning: {w}");
     }
     if !args.wait {
         return Ok(ExitCode::SUCCESS);
     }
-    let view = if args.progress {
-        watch_view(producer.store(), &submitted.report_id).await?
-    } else {
-        wait_final(producer.store(), &submitted.report_id).await?
-    };
+    let view = watch_view(backend, &id, args.progress).await?;
     eprintln!(
         "report {} {}: {} of {} sections done, {} failed, {} skipped; read it with `fanout report {}`",
         view.id,
@@ -148,7 +163,10 @@ pub(crate) fn exit_code(status: ReportStatus) -> ExitCode {
 }
 
 /// Wait for the report's final status by following its event stream (no polling).
-pub(crate) async fn wait_final(store: &Store, id: &str) -> anyhow::Result<ReportView> {
+pub(crate) async fn wait_final(
+    store: &fanout_aggregator::Store,
+    id: &str,
+) -> anyhow::Result<ReportView> {
     let mut after: Option<String> = None;
     loop {
         let events = store
@@ -159,7 +177,10 @@ pub(crate) async fn wait_final(store: &Store, id: &str) -> anyhow::Result<Report
             after = Some(last.id.clone());
         }
         if events.iter().any(|e| e.kind == "report.finished") || events.is_empty() {
-            let view = load_view(store, id).await?;
+            let view = store
+                .view(id)
+                .await?
+                .ok_or_else(|| anyhow::anyhow!("no report `{id}` (unknown, or expired)"))?;
             if view.status.is_terminal() {
                 return Ok(view);
             }
@@ -167,44 +188,84 @@ pub(crate) async fn wait_final(store: &Store, id: &str) -> anyhow::Result<Report
     }
 }
 
-async fn load_view(store: &Store, id: &str) -> anyhow::Result<ReportView> {
-    store
-        .view(id)
-        .await?
-        .ok_or_else(|| anyhow::anyhow!("no report `{id}` (unknown, or expired)"))
+/// The report as it stands, locally or over the API.
+async fn load_view(backend: &Backend, id: &str) -> anyhow::Result<ReportView> {
+    match backend {
+        Backend::Local(local) => local
+            .store()?
+            .view(id)
+            .await?
+            .ok_or_else(|| anyhow::anyhow!("no report `{id}` (unknown, or expired)")),
+        Backend::Remote(client) => client.get(id).await.map_err(remote_error),
+    }
 }
 
-pub(crate) async fn watch(store: &Store, args: WatchArgs) -> anyhow::Result<ExitCode> {
-    let view = watch_view(store, &args.id).await?;
+pub(crate) async fn watch(backend: &Backend, args: WatchArgs) -> anyhow::Result<ExitCode> {
+    let view = watch_view(backend, &args.id, true).await?;
     Ok(exit_code(view.status))
 }
 
-/// Live progress: one line per section (per persona for `for_each` sections), until final.
-pub(crate) async fn watch_view(store: &Store, id: &str) -> anyhow::Result<ReportView> {
-    let view = load_view(store, id).await?;
+/// Follow a report until it is final: with `progress`, one line per section (per persona for
+/// `for_each` sections) as bars on a terminal, as event lines otherwise; the final state as
+/// lines on stdout when it is not a terminal.
+pub(crate) async fn watch_view(
+    backend: &Backend,
+    id: &str,
+    progress: bool,
+) -> anyhow::Result<ReportView> {
+    let mut view = load_view(backend, id).await?;
     let multi = MultiProgress::new();
-    let mut progress = Progress::new(&multi, &view);
+    if !progress {
+        multi.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+    }
+    let mut bars = Progress::new(&multi, &view);
     let mut after: Option<String> = None;
-    let mut view = view;
+    let mut events = match backend {
+        Backend::Remote(client) => Some(Box::pin(client.events(id, None))),
+        Backend::Local(_) => None,
+    };
     loop {
-        progress.update(&view);
+        bars.update(&view);
         if view.status.is_terminal() {
-            progress.finish(&view);
-            if !std::io::stderr().is_terminal() {
-                // The bars were hidden: the final state as lines, on stdout for a pipe.
+            bars.finish(&view);
+            if !std::io::stdout().is_terminal() || !progress {
                 print_final(&view);
             }
             return Ok(view);
         }
-        let events = store
-            .events(id, after.as_deref(), Some(Duration::from_millis(500)), 200)
-            .await?;
-        if let Some(last) = events.last() {
+        let batch: Vec<ReportEvent> = match (backend, events.as_mut()) {
+            (Backend::Local(local), _) => {
+                let got = local
+                    .store()?
+                    .events(id, after.as_deref(), Some(Duration::from_millis(500)), 200)
+                    .await?;
+                if let Some(last) = got.last() {
+                    after = Some(last.id.clone());
+                }
+                got
+            }
+            (Backend::Remote(client), Some(stream)) => {
+                use futures::StreamExt as _;
+                match stream.next().await {
+                    Some(Ok(e)) => e.body().into_iter().collect(),
+                    Some(Err(e)) => return Err(remote_error(e)),
+                    // The stream ended (the report finished, or the server closed it): pick
+                    // up where it left off.
+                    None => {
+                        let last = after.clone();
+                        *stream = Box::pin(client.events(id, last.as_deref()));
+                        Vec::new()
+                    }
+                }
+            }
+            (Backend::Remote(_), None) => unreachable!("remote watch has a stream"),
+        };
+        if let Some(last) = batch.last() {
             after = Some(last.id.clone());
         }
         // Without a terminal (CI logs, pipes) the bars stay hidden: print the events as lines.
-        if !std::io::stderr().is_terminal() {
-            for e in &events {
+        if progress && !std::io::stderr().is_terminal() {
+            for e in &batch {
                 eprintln!(
                     "{} {}{}{}",
                     e.kind,
@@ -221,7 +282,7 @@ pub(crate) async fn watch_view(store: &Store, id: &str) -> anyhow::Result<Report
                 );
             }
         }
-        view = load_view(store, id).await?;
+        view = load_view(backend, id).await?;
     }
 }
 
@@ -340,16 +401,19 @@ fn truncate(s: &str, n: usize) -> String {
     }
 }
 
-pub(crate) async fn report(store: &Store, args: ReportArgs) -> anyhow::Result<ExitCode> {
-    let format = if args.format == "json" {
-        Format::Json
-    } else {
-        Format::Markdown
+pub(crate) async fn report(backend: &Backend, args: ReportArgs) -> anyhow::Result<ExitCode> {
+    let json = args.format == "json";
+    let doc = match backend {
+        Backend::Local(local) => local
+            .store()?
+            .document(&args.id, if json { Format::Json } else { Format::Markdown })
+            .await?
+            .ok_or_else(|| anyhow::anyhow!("no report `{}` (unknown, or expired)", args.id))?,
+        Backend::Remote(client) => client
+            .report(&args.id, if json { DocFormat::Json } else { DocFormat::Md })
+            .await
+            .map_err(remote_error)?,
     };
-    let doc = store
-        .document(&args.id, format)
-        .await?
-        .ok_or_else(|| anyhow::anyhow!("no report `{}` (unknown, or expired)", args.id))?;
     match args.output {
         Some(path) => std::fs::write(&path, doc)
             .with_context(|| format!("cannot write --output {}", path.display()))?,
@@ -358,32 +422,54 @@ pub(crate) async fn report(store: &Store, args: ReportArgs) -> anyhow::Result<Ex
     Ok(ExitCode::SUCCESS)
 }
 
-pub(crate) async fn reports(store: &Store, args: ReportsArgs) -> anyhow::Result<ExitCode> {
-    anyhow::ensure!(
-        (1..=1000).contains(&args.limit),
-        "--limit must be 1 to 1000"
-    );
-    let page = store
-        .list(
-            &args.tenant,
-            &fanout_aggregator::ListQuery {
-                status: args.status,
-                template: args.template,
-                since: None,
-                limit: args.limit,
-                cursor: None,
-            },
-        )
-        .await?;
-    if page.reports.is_empty() {
-        eprintln!("no reports for tenant `{}`", args.tenant);
+pub(crate) async fn reports(backend: &Backend, args: ReportsArgs) -> anyhow::Result<ExitCode> {
+    anyhow::ensure!((1..=100).contains(&args.limit), "--limit must be 1 to 100");
+    let reports = match backend {
+        Backend::Local(local) => {
+            let tenant = args.tenant.as_deref().unwrap_or("default");
+            local
+                .store()?
+                .list(
+                    tenant,
+                    &fanout_aggregator::ListQuery {
+                        status: args.status,
+                        template: args.template,
+                        since: None,
+                        limit: args.limit,
+                        cursor: None,
+                    },
+                )
+                .await?
+                .reports
+        }
+        Backend::Remote(client) => {
+            let mut q = form_urlencoded::Serializer::new(String::new());
+            q.append_pair("limit", &args.limit.to_string());
+            if let Some(s) = args.status {
+                q.append_pair("status", s.as_str());
+            }
+            if let Some(t) = &args.template {
+                q.append_pair("template", t);
+            }
+            if let Some(t) = &args.tenant {
+                q.append_pair("tenant", t);
+            }
+            client
+                .list(&q.finish())
+                .await
+                .map_err(remote_error)?
+                .reports
+        }
+    };
+    if reports.is_empty() {
+        eprintln!("no reports");
         return Ok(ExitCode::SUCCESS);
     }
     println!(
         "{:<36}  {:<23}  {:<16}  {:>4}  CREATED",
         "ID", "STATUS", "TEMPLATE", "JOBS"
     );
-    for r in &page.reports {
+    for r in &reports {
         let created = fanout_aggregator::format_time(r.created_at);
         println!(
             "{:<36}  {:<23}  {:<16}  {:>4}  {created}",

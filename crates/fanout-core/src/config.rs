@@ -327,6 +327,7 @@ struct RawWorker {
     concurrency: usize,
     job_timeout_secs: u64,
     grace_secs: u64,
+    liveness_ttl_ms: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -334,6 +335,8 @@ pub struct WorkerConfig {
     pub concurrency: usize,
     pub job_timeout_secs: u64,
     pub grace_secs: u64,
+    /// A worker silent this long is gone: its jobs are reclaimed at once.
+    pub liveness_ttl_ms: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -362,8 +365,26 @@ pub struct ApiConfig {
     pub listen: String,
     pub max_body_bytes: usize,
     pub submissions_per_minute: u32,
-    /// Bearer token → tenant. Empty: the API is open and everything belongs to "default".
-    pub tokens: Vec<(Secret, String)>,
+    /// Bearer tokens. Empty: the API is open, everything belongs to "default", and every
+    /// caller may use the operator routes.
+    pub tokens: Vec<ApiToken>,
+}
+
+/// One bearer token of the API: whose reports it submits and sees, and what it may do.
+#[derive(Debug, Clone)]
+pub struct ApiToken {
+    pub secret: Secret,
+    pub tenant: String,
+    pub role: Role,
+}
+
+/// What a token may do besides its tenant's own reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// Its own tenant's reports only.
+    Tenant,
+    /// Also every tenant's reports and the operator routes (status, dead letters, webhooks).
+    Admin,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -668,6 +689,15 @@ impl Config {
 
         let w = &raw.worker;
         positive("worker.job_timeout_secs", w.job_timeout_secs)?;
+        if w.liveness_ttl_ms < 300 {
+            return Err(ConfigError::invalid(
+                "worker.liveness_ttl_ms",
+                format!(
+                    "`{}` is too short to survive a slow beat; allowed: 300 or more",
+                    w.liveness_ttl_ms
+                ),
+            ));
+        }
         let concurrency = if w.concurrency == 0 {
             b.max_concurrent_requests as usize
         } else {
@@ -751,6 +781,7 @@ impl Config {
                 concurrency,
                 job_timeout_secs: w.job_timeout_secs,
                 grace_secs: w.grace_secs,
+                liveness_ttl_ms: w.liveness_ttl_ms,
             },
             reports: raw.reports,
             cache: raw.cache,
@@ -776,20 +807,32 @@ impl Config {
     }
 }
 
-/// `token=tenant,token=tenant` from `FANOUT_API_TOKENS`.
-fn parse_api_tokens(value: Option<&str>) -> Result<Vec<(Secret, String)>, ConfigError> {
+/// `token=tenant[:admin],…` from `FANOUT_API_TOKENS`.
+fn parse_api_tokens(value: Option<&str>) -> Result<Vec<ApiToken>, ConfigError> {
     let Some(value) = value.filter(|v| !v.trim().is_empty()) else {
         return Ok(Vec::new());
     };
     value
         .split(',')
         .map(|pair| {
-            let (token, tenant) = pair.trim().split_once('=').ok_or_else(|| {
+            let (token, who) = pair.trim().split_once('=').ok_or_else(|| {
                 ConfigError::invalid(
                     "FANOUT_API_TOKENS",
-                    "each entry must be `token=tenant`, separated by commas",
+                    "each entry must be `token=tenant` or `token=tenant:admin`, separated by commas",
                 )
             })?;
+            let (tenant, role) = match who.split_once(':') {
+                None => (who, Role::Tenant),
+                Some((tenant, "admin")) => (tenant, Role::Admin),
+                Some((tenant, other)) => {
+                    return Err(ConfigError::invalid(
+                        "FANOUT_API_TOKENS",
+                        format!(
+                            "the role `{other}` of tenant `{tenant}` is unknown; allowed: `admin`, or no role"
+                        ),
+                    ));
+                }
+            };
             if token.len() < 16 {
                 return Err(ConfigError::invalid(
                     "FANOUT_API_TOKENS",
@@ -797,7 +840,11 @@ fn parse_api_tokens(value: Option<&str>) -> Result<Vec<(Secret, String)>, Config
                 ));
             }
             check_name("FANOUT_API_TOKENS tenant", tenant)?;
-            Ok((Secret::new(token), tenant.to_owned()))
+            Ok(ApiToken {
+                secret: Secret::new(token),
+                tenant: tenant.to_owned(),
+                role,
+            })
         })
         .collect()
 }
@@ -1123,13 +1170,26 @@ mod tests {
             None,
             &env(&[(
                 "FANOUT_API_TOKENS",
-                "aaaaaaaaaaaaaaaa=acme, bbbbbbbbbbbbbbbb=globex",
+                "aaaaaaaaaaaaaaaa=acme, bbbbbbbbbbbbbbbb=globex:admin",
             )]),
         )
         .unwrap();
         assert_eq!(c.api.tokens.len(), 2);
-        assert_eq!(c.api.tokens[1].1, "globex");
+        assert_eq!(
+            (c.api.tokens[0].tenant.as_str(), c.api.tokens[0].role),
+            ("acme", Role::Tenant)
+        );
+        assert_eq!(
+            (c.api.tokens[1].tenant.as_str(), c.api.tokens[1].role),
+            ("globex", Role::Admin)
+        );
         assert!(Config::load(None, &env(&[("FANOUT_API_TOKENS", "short=acme")])).is_err());
+        let e = Config::load(
+            None,
+            &env(&[("FANOUT_API_TOKENS", "aaaaaaaaaaaaaaaa=acme:root")]),
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("role `root`"), "{e}");
         assert_eq!(
             redact_url("redis://:pw@host:6379"),
             "redis://:***@host:6379"

@@ -8,7 +8,7 @@ pub mod render;
 pub mod report;
 pub mod template;
 
-pub use config::{Config, ConfigError, Secret};
+pub use config::{ApiToken, Config, ConfigError, Role, Secret};
 pub use dag::{JobGraph, JobNode};
 pub use render::{DEFAULT_MAX_TOKENS, DepOutput, RenderError, RenderedPrompt, render_prompt};
 pub use report::{Lane, ParseEnumError, ReportStatus, SectionState};

@@ -22,6 +22,17 @@ const REPORT_BUCKETS: &[f64] = &[
     1.0, 5.0, 10.0, 30.0, 60.0, 90.0, 120.0, 180.0, 300.0, 600.0, 1200.0, 1800.0,
 ];
 
+/// A lane's depth for [`Metrics::set_queue_depth`].
+#[derive(Debug, Clone, Copy, Default)]
+pub struct QueueDepth {
+    pub ready: u64,
+    pub pending: u64,
+    pub delayed: u64,
+    pub dead: u64,
+    pub lag: u64,
+    pub oldest_ready_secs: f64,
+}
+
 /// Every metric of a Fanout process, registered in [`Metrics::registry`].
 #[derive(Debug)]
 pub struct Metrics {
@@ -63,6 +74,7 @@ pub struct Metrics {
     pub cache_requests: IntCounterVec,
     pub webhooks: IntCounterVec,
     pub worker_up: Gauge,
+    pub workers_alive: IntGauge,
 }
 
 /// The process's metrics.
@@ -98,6 +110,27 @@ fn histogram(r: &Registry, name: &str, help: &str, labels: &[&str], b: &[f64]) -
 }
 
 impl Metrics {
+    /// One lane's depth, as every process that samples the queue exports it (the values are
+    /// cluster-wide: aggregate them with `max`, not `sum`).
+    pub fn set_queue_depth(&self, lane: &str, depth: QueueDepth) {
+        for (state, v) in [
+            ("ready", depth.ready),
+            ("pending", depth.pending),
+            ("delayed", depth.delayed),
+            ("dead", depth.dead),
+        ] {
+            self.queue_depth
+                .with_label_values(&[lane, state])
+                .set(v as i64);
+        }
+        self.queue_lag
+            .with_label_values(&[lane])
+            .set(depth.lag as i64);
+        self.queue_oldest_age
+            .with_label_values(&[lane])
+            .set(depth.oldest_ready_secs);
+    }
+
     fn new() -> Self {
         let r = Registry::new();
         #[cfg(target_os = "linux")]
@@ -132,6 +165,10 @@ impl Metrics {
         let concurrency_in_use = int_gauge(
             "fanout_concurrency_in_use",
             "Provider calls in flight across the whole cluster (leases held).",
+        );
+        let workers_alive = int_gauge(
+            "fanout_workers_alive",
+            "Worker processes alive in the registry (beat within their liveness TTL), as the API process sees them.",
         );
         let concurrency_limit = int_gauge(
             "fanout_concurrency_limit",
@@ -347,6 +384,7 @@ impl Metrics {
                 &["result"],
             ),
             worker_up,
+            workers_alive,
             registry: r,
         }
     }

@@ -203,6 +203,89 @@ impl FanoutClient {
         json(check(resp).await?).await
     }
 
+    /// The system's status (admin token).
+    pub async fn status(&self) -> Result<crate::ops::SystemStatus> {
+        let resp = self
+            .request(reqwest::Method::GET, "/v1/status")
+            .send()
+            .await?;
+        json(check(resp).await?).await
+    }
+
+    /// The newest dead letters (admin token), optionally one report's.
+    pub async fn dead_letters(
+        &self,
+        limit: usize,
+        report_id: Option<&str>,
+    ) -> Result<Vec<crate::ops::DeadLetterInfo>> {
+        let mut path = format!("/v1/dead-letters?limit={limit}");
+        if let Some(r) = report_id {
+            path.push_str(&format!("&report_id={}", encode(r)));
+        }
+        let resp = self.request(reqwest::Method::GET, &path).send().await?;
+        let list: crate::api::DeadLetterList = json(check(resp).await?).await?;
+        Ok(list.dead_letters)
+    }
+
+    /// Run dead letters again (admin token).
+    pub async fn replay(
+        &self,
+        sel: &crate::ops::DeadLetterSelection,
+    ) -> Result<Vec<crate::ops::Resolution>> {
+        self.post_resolutions("/v1/dead-letters/replay", sel).await
+    }
+
+    /// Delete dead letters (admin token).
+    pub async fn drop_dead_letters(
+        &self,
+        sel: &crate::ops::DeadLetterSelection,
+    ) -> Result<Vec<crate::ops::Resolution>> {
+        self.post_resolutions("/v1/dead-letters/drop", sel).await
+    }
+
+    /// The newest dead webhooks (admin token).
+    pub async fn dead_webhooks(&self, limit: usize) -> Result<Vec<crate::ops::DeadWebhookInfo>> {
+        let resp = self
+            .request(
+                reqwest::Method::GET,
+                &format!("/v1/webhooks/dead?limit={limit}"),
+            )
+            .send()
+            .await?;
+        let list: crate::api::DeadWebhookList = json(check(resp).await?).await?;
+        Ok(list.webhooks)
+    }
+
+    /// Send webhooks again from their first attempt (admin token).
+    pub async fn redeliver_webhooks(
+        &self,
+        sel: &crate::api::WebhookSelection,
+    ) -> Result<Vec<crate::ops::Resolution>> {
+        self.post_resolutions("/v1/webhooks/redeliver", sel).await
+    }
+
+    /// Forget dead webhooks (admin token).
+    pub async fn drop_webhooks(
+        &self,
+        sel: &crate::api::WebhookSelection,
+    ) -> Result<Vec<crate::ops::Resolution>> {
+        self.post_resolutions("/v1/webhooks/drop", sel).await
+    }
+
+    async fn post_resolutions<B: serde::Serialize>(
+        &self,
+        path: &str,
+        body: &B,
+    ) -> Result<Vec<crate::ops::Resolution>> {
+        let resp = self
+            .request(reqwest::Method::POST, path)
+            .json(body)
+            .send()
+            .await?;
+        let r: crate::api::Resolutions = json(check(resp).await?).await?;
+        Ok(r.results)
+    }
+
     /// The report's events (after `after`, a stream id), live, ending with the `report`
     /// event. A failed request is the stream's one item; an `error` event is an
     /// [`ClientError::Stream`] item that ends it.

@@ -2,6 +2,7 @@
 
 pub mod api;
 pub mod client;
+pub mod ops;
 mod templates;
 
 pub use templates::{ResolveError, Templates};

@@ -9,6 +9,8 @@
 -- KEYS[6]  wake         STREAM
 -- KEYS[7]  dead         STREAM interactive lane
 -- KEYS[8]  dead         STREAM batch lane
+-- KEYS[9]  workers      ZSET  consumer -> ms after which its worker counts as gone (beat.lua)
+-- KEYS[10] worker-info  HASH  consumer -> JSON
 -- Stream keys are read from the registry (they share the hash tag of KEYS[1]).
 --
 -- ARGV[1]  group            ARGV[2]  consumer        ARGV[3]  max (>= 1)
@@ -108,33 +110,70 @@ if ARGV[4] == '1' then
   end
 end
 
--- 2. Reclaim entries whose consumer stopped heartbeating; drop consumers that are gone.
+-- An entry this consumer has just taken over from another: run it, or dead-letter it when it has
+-- been delivered too often (its workers keep dying on it).
+local function take_over(s, e)
+  if not (e and e[2]) then return end -- deleted from the stream while pending
+  local p = redis.call('XPENDING', s, group, e[1], e[1], 1)
+  local n = 1
+  if p[1] then n = tonumber(p[1][4]) end
+  if n > max_deliveries then
+    local f = to_map(e[2])
+    local reason = 'delivery limit: worker died ' .. (n - 1) .. ' times'
+    redis.call('XADD', KEYS[6 + lane_of(s)], 'MAXLEN', '~', dead_max, '*',
+      'job', f['id'] or '', 'payload', f['p'] or '', 'attempts', f['a'] or '0',
+      'error', f['e'] or '', 'reason', reason,
+      'deliveries', n - 1, 'stream', s, 'entry', e[1], 'enqueued_at', f['t'] or '',
+      'dead_at', clock())
+    redis.call('XACK', s, group, e[1])
+    redis.call('XDEL', s, e[1])
+    dead[#dead + 1] = {f['p'] or '', reason}
+  else
+    out[#out + 1] = {s, e[1], n, e[2]}
+    remaining = remaining - 1
+  end
+end
+
+-- 2a. Workers that stopped beating (killed, or left with jobs unfinished): take over their jobs
+-- now rather than after the visibility timeout, and forget them once they hold nothing.
+local lapsed = redis.call('ZRANGEBYSCORE', KEYS[9], '-inf', '(' .. clock(), 'LIMIT', 0, 4)
+for _, w in ipairs(lapsed) do
+  if w ~= consumer then
+    local holds = false
+    for _, s in ipairs(streams()) do
+      local want = math.max(remaining, 1)
+      local p = redis.pcall('XPENDING', s, group, '-', '+', want, w)
+      if type(p) == 'table' and not p.err and #p > 0 then
+        if remaining > 0 then
+          local ids = {}
+          for i, e in ipairs(p) do ids[i] = e[1] end
+          for _, e in ipairs(redis.call('XCLAIM', s, group, consumer, 0, unpack(ids))) do
+            take_over(s, e)
+          end
+          if #p >= want then holds = true end
+        else
+          holds = true
+        end
+      end
+    end
+    if not holds then
+      redis.call('ZREM', KEYS[9], w)
+      redis.call('HDEL', KEYS[10], w)
+      for _, s in ipairs(streams()) do
+        redis.pcall('XGROUP', 'DELCONSUMER', s, group, w)
+      end
+    end
+  end
+end
+
+-- 2b. Reclaim entries whose consumer stopped heartbeating; drop consumers that are gone.
 if ARGV[5] == '1' then
   for _, s in ipairs(streams()) do
     if remaining > 0 then
       local r = redis.pcall('XAUTOCLAIM', s, group, consumer, min_idle, '0-0', 'COUNT', remaining)
       if type(r) == 'table' and not r.err then
         for _, e in ipairs(r[2]) do
-          if e and e[2] then
-            local p = redis.call('XPENDING', s, group, e[1], e[1], 1)
-            local n = 1
-            if p[1] then n = tonumber(p[1][4]) end
-            if n > max_deliveries then
-              local f = to_map(e[2])
-              local reason = 'delivery limit: worker died ' .. (n - 1) .. ' times'
-              redis.call('XADD', KEYS[6 + lane_of(s)], 'MAXLEN', '~', dead_max, '*',
-                'job', f['id'] or '', 'payload', f['p'] or '', 'attempts', f['a'] or '0',
-                'error', f['e'] or '', 'reason', reason,
-                'deliveries', n - 1, 'stream', s, 'entry', e[1], 'enqueued_at', f['t'] or '',
-                'dead_at', clock())
-              redis.call('XACK', s, group, e[1])
-              redis.call('XDEL', s, e[1])
-              dead[#dead + 1] = {f['p'] or '', reason}
-            else
-              out[#out + 1] = {s, e[1], n, e[2]}
-              remaining = remaining - 1
-            end
-          end
+          take_over(s, e)
         end
       end
     end

@@ -144,18 +144,23 @@ impl Delivery {
     }
 }
 
+/// This machine's host name (the pod name on Kubernetes).
+pub(crate) fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "host".to_owned())
+}
+
 /// A consumer name, unique per process: `<prefix>-<host>-<pid>-<random>`.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct ConsumerId(String);
 
 impl ConsumerId {
     pub fn unique(prefix: &str) -> Self {
-        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
-            .ok()
-            .or_else(|| std::env::var("HOSTNAME").ok())
-            .map(|h| h.trim().to_owned())
-            .filter(|h| !h.is_empty())
-            .unwrap_or_else(|| "host".to_owned());
+        let host = hostname();
         let random: u32 = rand::rng().random();
         Self(format!(
             "{prefix}-{host}-{}-{random:08x}",
@@ -227,6 +232,22 @@ pub struct DeadLetter {
     pub dead_at_ms: u64,
     /// The dead-letter stream entry id.
     pub entry_id: String,
+}
+
+impl DeadLetter {
+    /// `<lane>:<entry id>`, e.g. `interactive:1733000000000-0`: what replay and drop take.
+    pub fn id(&self) -> String {
+        format!("{}:{}", self.lane.as_str(), self.entry_id)
+    }
+
+    /// The lane and entry id of [`DeadLetter::id`], if `id` is one.
+    pub fn parse_id(id: &str) -> Option<(Lane, &str)> {
+        let (lane, entry) = id.split_once(':')?;
+        let (ms, seq) = entry.split_once('-')?;
+        let digits =
+            |s: &str| !s.is_empty() && s.len() <= 20 && s.bytes().all(|b| b.is_ascii_digit());
+        (digits(ms) && digits(seq)).then_some((Lane::parse(lane)?, entry))
+    }
 }
 
 pub(crate) fn system_time_ms(t: SystemTime) -> u64 {

@@ -62,6 +62,18 @@ impl Keys {
         format!("{}:wake", self.prefix)
     }
 
+    /// ZSET consumer name → when its worker process counts as gone (ms, Redis clock); kept
+    /// fresh by the worker's liveness beat.
+    pub(crate) fn workers(&self) -> String {
+        format!("{}:workers", self.prefix)
+    }
+
+    /// HASH consumer name → what its worker process says about itself (JSON, see
+    /// [`crate::WorkerInfo`]).
+    pub(crate) fn worker_info(&self) -> String {
+        format!("{}:worker-info", self.prefix)
+    }
+
     /// Idempotency key of a job id.
     pub(crate) fn idempotency(&self, job_id: &str) -> String {
         format!("{}:job:{job_id}", self.prefix)

@@ -5,6 +5,7 @@ mod error;
 mod job;
 mod keys;
 mod queue;
+mod registry;
 mod worker;
 
 pub use backoff::retry_delay;
@@ -12,4 +13,5 @@ pub use error::{Error, Result};
 pub use job::{ConsumerId, DeadLetter, Delivery, Enqueued, Lane, LaneDepth, NewJob, RetryOutcome};
 pub use keys::GROUP;
 pub use queue::{DEFAULT_IDEMPOTENCY_TTL, Queue};
+pub use registry::WorkerInfo;
 pub use worker::{Handler, Outcome, WorkerOptions, run_worker};

@@ -26,6 +26,8 @@ static EXTEND: LazyLock<redis::Script> =
     LazyLock::new(|| redis::Script::new(include_str!("../lua/extend.lua")));
 static SETTLE: LazyLock<redis::Script> =
     LazyLock::new(|| redis::Script::new(include_str!("../lua/settle.lua")));
+static REPLAY: LazyLock<redis::Script> =
+    LazyLock::new(|| redis::Script::new(include_str!("../lua/replay.lua")));
 static DEPTH: LazyLock<redis::Script> =
     LazyLock::new(|| redis::Script::new(include_str!("../lua/depth.lua")));
 
@@ -148,18 +150,30 @@ impl Queue {
     /// Load every script, so the first real call does not pay a NOSCRIPT round trip.
     pub async fn load_scripts(&self) -> Result<()> {
         let mut conn = self.conn().await?;
-        for script in [&*ENQUEUE, &*CLAIM, &*EXTEND, &*SETTLE, &*DEPTH] {
+        for script in [
+            &*ENQUEUE,
+            &*CLAIM,
+            &*EXTEND,
+            &*SETTLE,
+            &*DEPTH,
+            &*REPLAY,
+            &*crate::registry::BEAT,
+        ] {
             script.prepare_invoke().load_async(&mut conn).await?;
         }
         Ok(())
     }
 
-    async fn conn(&self) -> Result<MultiplexedConnection> {
+    pub(crate) async fn conn(&self) -> Result<MultiplexedConnection> {
         Ok(self.inner.shared.get().await?)
     }
 
+    pub(crate) fn keys(&self) -> &Keys {
+        &self.inner.keys
+    }
+
     /// Map a Redis error; a connection-level one retires the shared connection.
-    fn broken(&self, e: redis::RedisError) -> Error {
+    pub(crate) fn broken(&self, e: redis::RedisError) -> Error {
         self.inner.shared.check(&e);
         Error::Redis(e)
     }
@@ -334,7 +348,9 @@ impl Queue {
             .key(keys.delayed_jobs())
             .key(keys.wake())
             .key(keys.dead(Lane::Interactive))
-            .key(keys.dead(Lane::Batch));
+            .key(keys.dead(Lane::Batch))
+            .key(keys.workers())
+            .key(keys.worker_info());
         inv.arg(GROUP)
             .arg(consumer.as_str())
             .arg(max)
@@ -821,6 +837,80 @@ impl Queue {
         Ok(all)
     }
 
+    /// One dead letter by its [`DeadLetter::id`], if it is still there.
+    pub async fn dead_letter_by_id(&self, id: &str) -> Result<Option<DeadLetter>> {
+        let Some((lane, entry)) = DeadLetter::parse_id(id) else {
+            return Ok(None);
+        };
+        let mut conn = self.conn().await?;
+        let entries: Value = redis::cmd("XRANGE")
+            .arg(self.inner.keys.dead(lane))
+            .arg(entry)
+            .arg(entry)
+            .query_async(&mut conn)
+            .await
+            .map_err(|e| self.broken(e))?;
+        let Some(e) = array(entries, "dead letter")?.into_iter().next() else {
+            return Ok(None);
+        };
+        let mut parts = array(e, "dead letter")?.into_iter();
+        match (parts.next(), parts.next()) {
+            (Some(id), Some(fields)) => {
+                Ok(Some(self.dead_letter_from(lane, string(&id)?, fields)?))
+            }
+            _ => Ok(None),
+        }
+    }
+
+    /// Put dead letters back in the queue as new jobs with fresh attempts (in the stream they
+    /// died in, or the lane's priority-0 stream when that is not a queue stream). One flag per
+    /// letter: `false` when it was gone already (replayed or dropped by someone else), so a
+    /// repeated replay does not run the job twice.
+    pub async fn replay_dead(&self, letters: &[DeadLetter]) -> Result<Vec<bool>> {
+        self.resolve_dead(letters, "replay").await
+    }
+
+    /// Delete dead letters; `false` for each that was gone already.
+    pub async fn drop_dead(&self, letters: &[DeadLetter]) -> Result<Vec<bool>> {
+        self.resolve_dead(letters, "drop").await
+    }
+
+    async fn resolve_dead(&self, letters: &[DeadLetter], mode: &str) -> Result<Vec<bool>> {
+        let keys = &self.inner.keys;
+        let mut out = vec![false; letters.len()];
+        let mut conn = self.conn().await?;
+        for lane in Lane::ALL {
+            let idx: Vec<usize> = (0..letters.len())
+                .filter(|&i| letters[i].lane == lane)
+                .collect();
+            if idx.is_empty() {
+                continue;
+            }
+            let mut inv = REPLAY.prepare_invoke();
+            inv.key(keys.dead(lane))
+                .key(keys.registry())
+                .key(keys.ready())
+                .key(keys.wake())
+                .arg(GROUP)
+                .arg(mode);
+            for &i in &idx {
+                let d = &letters[i];
+                let priority = d.priority.unwrap_or(0);
+                inv.arg(&d.entry_id)
+                    .arg(keys.stream(lane, priority))
+                    .arg(order_score(lane, priority));
+            }
+            let flags: Vec<i64> = inv
+                .invoke_async(&mut conn)
+                .await
+                .map_err(|e| self.broken(e))?;
+            for (&i, f) in idx.iter().zip(flags) {
+                out[i] = f == 1;
+            }
+        }
+        Ok(out)
+    }
+
     fn dead_letter_from(&self, lane: Lane, entry_id: String, fields: Value) -> Result<DeadLetter> {
         let flat = array(fields, "dead letter fields")?;
         let mut m = BTreeMap::new();
@@ -1088,7 +1178,7 @@ fn wake_mentions_due(v: Value) -> bool {
     })
 }
 
-fn array(v: Value, what: &str) -> Result<Vec<Value>> {
+pub(crate) fn array(v: Value, what: &str) -> Result<Vec<Value>> {
     match v {
         Value::Array(a) | Value::Set(a) => Ok(a),
         Value::Nil => Ok(Vec::new()),
@@ -1098,7 +1188,7 @@ fn array(v: Value, what: &str) -> Result<Vec<Value>> {
     }
 }
 
-fn int(v: &Value) -> Option<i64> {
+pub(crate) fn int(v: &Value) -> Option<i64> {
     match v {
         Value::Int(i) => Some(*i),
         Value::BulkString(b) => std::str::from_utf8(b).ok()?.parse().ok(),
@@ -1107,7 +1197,7 @@ fn int(v: &Value) -> Option<i64> {
     }
 }
 
-fn string(v: &Value) -> Result<String> {
+pub(crate) fn string(v: &Value) -> Result<String> {
     match v {
         Value::BulkString(b) => {
             String::from_utf8(b.clone()).map_err(|_| Error::Protocol("expected UTF-8 text".into()))

@@ -15,6 +15,7 @@ use crate::backoff::Reconnect;
 use crate::error::{Error, Result};
 use crate::job::{ConsumerId, Delivery, RetryOutcome};
 use crate::queue::Queue;
+use crate::registry::{WorkerInfo, beat_every};
 
 /// Runs one job. Called on its own tokio task; may take as long as it needs (heartbeats keep
 /// the job claimed) up to `WorkerOptions::job_timeout`.
@@ -67,6 +68,12 @@ pub struct WorkerOptions {
     pub claim_block: Option<Duration>,
     /// Heartbeat period (default: a third of `queue.visibility_timeout_secs`).
     pub heartbeat_every: Option<Duration>,
+    /// The process counts as gone this long after its last liveness beat (it beats three
+    /// times per TTL); its jobs then run again elsewhere at once. At least 300 ms, at most
+    /// half the visibility timeout.
+    pub liveness_ttl: Duration,
+    /// Shown in the worker registry.
+    pub version: String,
 }
 
 impl Default for WorkerOptions {
@@ -78,6 +85,8 @@ impl Default for WorkerOptions {
             consumer_prefix: "fanout".into(),
             claim_block: None,
             heartbeat_every: None,
+            liveness_ttl: Duration::from_secs(3),
+            version: env!("CARGO_PKG_VERSION").to_owned(),
         }
     }
 }
@@ -89,6 +98,7 @@ impl WorkerOptions {
             concurrency: worker.concurrency.max(1),
             grace: Duration::from_secs(worker.grace_secs),
             job_timeout: Duration::from_secs(worker.job_timeout_secs),
+            liveness_ttl: Duration::from_millis(worker.liveness_ttl_ms),
             ..Self::default()
         }
     }
@@ -119,6 +129,12 @@ pub async fn run_worker<H: Handler>(
         .heartbeat_every
         .unwrap_or(visibility / 3)
         .max(Duration::from_millis(50));
+    // A TTL beyond the visibility timeout would be moot: reclaim happens then anyway.
+    let mut options = options;
+    options.liveness_ttl = options
+        .liveness_ttl
+        .min(visibility / 2)
+        .max(Duration::from_millis(300));
     if heartbeat_every >= visibility {
         return Err(Error::Options(format!(
             "heartbeat_every ({heartbeat_every:?}) must be shorter than the visibility timeout ({visibility:?})"
@@ -128,6 +144,7 @@ pub async fn run_worker<H: Handler>(
     let shared = Arc::new(Shared {
         queue,
         consumer,
+        started_at_ms: now_ms(),
         inflight: Mutex::new(HashMap::new()),
         options,
     });
@@ -138,6 +155,10 @@ pub async fn run_worker<H: Handler>(
     );
 
     let stop_background = CancellationToken::new();
+    let registry = tokio::spawn(
+        liveness_loop(shared.clone(), stop_background.clone())
+            .instrument(tracing::info_span!("liveness", consumer = %shared.consumer)),
+    );
     let heartbeat = tokio::spawn(
         heartbeat_loop(shared.clone(), heartbeat_every, stop_background.clone())
             .instrument(tracing::info_span!("heartbeat", consumer = %shared.consumer)),
@@ -175,6 +196,13 @@ pub async fn run_worker<H: Handler>(
     if let Err(e) = heartbeat.await {
         tracing::error!(error = %e, "heartbeat task failed");
     }
+    if let Err(e) = registry.await {
+        tracing::error!(error = %e, "liveness task failed");
+    }
+    // Gone now: whatever the grace period left unfinished runs elsewhere at once.
+    if let Err(e) = shared.queue.leave(&shared.info()).await {
+        tracing::warn!(error = %e, "could not leave the worker registry; it lapses by itself");
+    }
     tracing::info!(consumer = %shared.consumer, "worker stopped");
     Ok(())
 }
@@ -182,6 +210,7 @@ pub async fn run_worker<H: Handler>(
 struct Shared {
     queue: Queue,
     consumer: ConsumerId,
+    started_at_ms: u64,
     /// Jobs this process holds, by stream entry; what the heartbeat extends.
     inflight: Mutex<HashMap<(String, String), InFlight>>,
     options: WorkerOptions,
@@ -198,6 +227,21 @@ fn entry_key(d: &Delivery) -> (String, String) {
 }
 
 impl Shared {
+    /// What the registry shows about this process.
+    fn info(&self) -> WorkerInfo {
+        WorkerInfo {
+            id: self.consumer.as_str().to_owned(),
+            host: crate::job::hostname(),
+            pid: std::process::id(),
+            version: self.options.version.clone(),
+            started_at_ms: self.started_at_ms,
+            concurrency: self.options.concurrency,
+            in_flight: self.inflight.lock().unwrap().len(),
+            ttl_ms: self.options.liveness_ttl.as_millis() as u64,
+            last_seen_ms: 0,
+        }
+    }
+
     fn forget(&self, d: &Delivery) {
         self.inflight.lock().unwrap().remove(&entry_key(d));
     }
@@ -500,6 +544,30 @@ async fn ack_loop(
         }
         drop(permits);
     }
+}
+
+/// Beat in the worker registry three times per liveness TTL, until `stop`.
+async fn liveness_loop(shared: Arc<Shared>, stop: CancellationToken) {
+    let mut tick = tokio::time::interval(beat_every(shared.options.liveness_ttl));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        match shared.queue.beat(&shared.info()).await {
+            Ok(0) => {}
+            Ok(lapsed) => tracing::debug!(lapsed, "workers gone silent; their jobs are taken over"),
+            Err(e) => tracing::warn!(error = %e, "liveness beat failed, will retry"),
+        }
+    }
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 async fn heartbeat_loop(shared: Arc<Shared>, every: Duration, stop: CancellationToken) {

@@ -5,7 +5,9 @@ mod common;
 use std::time::{Duration, Instant, SystemTime};
 
 use common::{command_calls, job, redis_conn, setup};
-use fanout_queue::{ConsumerId, Enqueued, Error, Lane, NewJob, Queue, RetryOutcome};
+use fanout_queue::{
+    ConsumerId, DeadLetter, Enqueued, Error, Lane, NewJob, Queue, RetryOutcome, WorkerInfo,
+};
 use redis::AsyncCommands;
 
 const NO_BLOCK: Duration = Duration::ZERO;
@@ -492,4 +494,118 @@ async fn a_claimer_blocked_elsewhere_wakes_for_a_delayed_job_when_it_is_due() {
         "woke {:?} late",
         at.duration_since(due)
     );
+}
+
+#[tokio::test]
+async fn a_worker_that_stops_beating_loses_its_jobs_when_its_ttl_lapses() {
+    // Visibility 30 s: only the registry can hand the job over this quickly.
+    let s = setup(&[("FANOUT_QUEUE__VISIBILITY_TIMEOUT_SECS", "30")]);
+    let q = &s.queue;
+    q.enqueue(job("j")).await.unwrap();
+    let (ca, cb) = (ConsumerId::unique("a"), ConsumerId::unique("b"));
+    let info = |c: &ConsumerId, ttl_ms: u64| WorkerInfo {
+        id: c.as_str().to_owned(),
+        host: "h".into(),
+        pid: 1,
+        version: "v".into(),
+        started_at_ms: 1,
+        concurrency: 4,
+        in_flight: 1,
+        ttl_ms,
+        last_seen_ms: 0,
+    };
+    q.beat(&info(&ca, 400)).await.unwrap();
+    q.beat(&info(&cb, 10_000)).await.unwrap();
+    let da = q.claim(&ca, 1, NO_BLOCK).await.unwrap().remove(0);
+    let alive: Vec<String> = q
+        .workers()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|w| w.id)
+        .collect();
+    assert_eq!(alive.len(), 2);
+    assert!(q.claim(&cb, 1, NO_BLOCK).await.unwrap().is_empty());
+
+    // a goes silent (killed): once its TTL lapses it is no longer listed, and b's next claim
+    // takes its job, long before the visibility timeout.
+    let t = Instant::now();
+    let db = loop {
+        let got = q.claim(&cb, 1, Duration::from_millis(100)).await.unwrap();
+        if let Some(d) = got.into_iter().next() {
+            break d;
+        }
+        assert!(t.elapsed() < Duration::from_secs(3), "not taken over");
+    };
+    assert!(
+        t.elapsed() >= Duration::from_millis(250),
+        "{:?}",
+        t.elapsed()
+    );
+    assert_eq!((db.job_id.as_str(), db.deliveries), ("j", 2));
+    let alive: Vec<String> = q
+        .workers()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|w| w.id)
+        .collect();
+    assert_eq!(alive, vec![cb.as_str().to_owned()]);
+    assert!(!q.extend(&da).await.unwrap(), "the silent worker lost it");
+
+    // Holding nothing any more, a is forgotten (by the next claim); b leaves with its job unfinished, so the next
+    // claimer anywhere takes it at once.
+    assert!(q.claim(&cb, 1, NO_BLOCK).await.unwrap().is_empty());
+    let mut conn = redis_conn(&s.redis.url()).await;
+    let registered: Vec<String> = conn
+        .zrange(format!("{{{}:queue}}:workers", s.ns), 0, -1)
+        .await
+        .unwrap();
+    assert_eq!(registered, vec![cb.as_str().to_owned()]);
+    q.leave(&info(&cb, 10_000)).await.unwrap();
+    assert!(q.workers().await.unwrap().is_empty());
+    let cc = ConsumerId::unique("c");
+    let dc = q.claim(&cc, 1, NO_BLOCK).await.unwrap().remove(0);
+    assert_eq!((dc.job_id.as_str(), dc.deliveries), ("j", 3));
+}
+
+#[tokio::test]
+async fn dead_letters_replay_once_with_fresh_attempts_or_drop() {
+    let s = setup(&[]);
+    let q = &s.queue;
+    q.enqueue(job("a").priority(7)).await.unwrap();
+    q.enqueue(job("b").lane(Lane::Batch)).await.unwrap();
+    let c = ConsumerId::unique("c");
+    for d in q.claim(&c, 2, NO_BLOCK).await.unwrap() {
+        q.dead_letter(&d, "poison").await.unwrap();
+    }
+    let dead = q.dead_letters(10).await.unwrap();
+    assert_eq!(dead.len(), 2);
+    let a = dead.iter().find(|d| d.job_id == "a").unwrap().clone();
+    let b = dead.iter().find(|d| d.job_id == "b").unwrap().clone();
+    assert_eq!(
+        q.dead_letter_by_id(&a.id()).await.unwrap().as_ref(),
+        Some(&a)
+    );
+    assert_eq!(DeadLetter::parse_id("interactive:../x"), None);
+
+    // Replayed twice (two operators at once, or a retried request): one job.
+    assert_eq!(q.replay_dead(std::slice::from_ref(&a)).await.unwrap(), vec![true]);
+    assert_eq!(q.replay_dead(std::slice::from_ref(&a)).await.unwrap(), vec![false]);
+    let again = q.claim(&c, 10, NO_BLOCK).await.unwrap();
+    assert_eq!(again.len(), 1);
+    assert_eq!(
+        (
+            again[0].job_id.as_str(),
+            again[0].attempt,
+            again[0].priority
+        ),
+        ("a", 1, 7)
+    );
+    q.ack(&again[0]).await.unwrap();
+
+    assert_eq!(q.drop_dead(std::slice::from_ref(&b)).await.unwrap(), vec![true]);
+    assert_eq!(q.replay_dead(&[b]).await.unwrap(), vec![false]);
+    assert!(q.claim(&c, 10, NO_BLOCK).await.unwrap().is_empty());
+    assert!(q.dead_letters(10).await.unwrap().is_empty());
 }

@@ -632,26 +632,17 @@ pub(crate) async fn export_gauges(deps: WorkerDeps, shutdown: CancellationToken)
         }
         if let Ok(lanes) = deps.queue.depth().await {
             for l in lanes {
-                let lane = l.lane.to_string();
-                let m = &METRICS;
-                m.queue_depth
-                    .with_label_values(&[lane.as_str(), "ready"])
-                    .set(l.ready as i64);
-                m.queue_depth
-                    .with_label_values(&[lane.as_str(), "pending"])
-                    .set(l.pending as i64);
-                m.queue_depth
-                    .with_label_values(&[lane.as_str(), "delayed"])
-                    .set(l.delayed as i64);
-                m.queue_depth
-                    .with_label_values(&[lane.as_str(), "dead"])
-                    .set(l.dead as i64);
-                m.queue_lag
-                    .with_label_values(&[lane.as_str()])
-                    .set(l.lag.unwrap_or(l.ready) as i64);
-                m.queue_oldest_age
-                    .with_label_values(&[lane.as_str()])
-                    .set(l.oldest_ready_age.unwrap_or_default().as_secs_f64());
+                METRICS.set_queue_depth(
+                    l.lane.as_str(),
+                    fanout_metrics::QueueDepth {
+                        ready: l.ready,
+                        pending: l.pending,
+                        delayed: l.delayed,
+                        dead: l.dead,
+                        lag: l.lag.unwrap_or(l.ready),
+                        oldest_ready_secs: l.oldest_ready_age.unwrap_or_default().as_secs_f64(),
+                    },
+                );
             }
         }
         if let Ok(budgets) = deps.budget.snapshot().await {

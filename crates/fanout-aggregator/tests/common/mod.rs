@@ -116,6 +116,29 @@ depends_on = ["root"]
 on_dependency_failure = "continue"
 "#;
 
+/// A line: a → b → c, each skipped when its dependency fails (the default).
+pub const LINE: &str = r#"
+name = "line"
+title = "Line"
+
+[[sections]]
+id = "a"
+title = "Section A"
+prompt = "a"
+
+[[sections]]
+id = "b"
+title = "Section B"
+prompt = "b {{ sections.a }}"
+depends_on = ["a"]
+
+[[sections]]
+id = "c"
+title = "Section C"
+prompt = "c {{ sections.b }}"
+depends_on = ["b"]
+"#;
+
 pub const PANEL: &str = r#"
 name = "panel"
 title = "Persona panel"

@@ -1,9 +1,10 @@
-//! Bearer tokens: each configured token names a tenant; a tenant sees only its own reports.
+//! Bearer tokens: each configured token names a tenant; a tenant sees only its own reports. An
+//! admin token also sees every tenant's reports and may use the operator routes.
 
 use axum::extract::FromRequestParts;
 use axum::http::header;
 use axum::http::request::Parts;
-use fanout_core::Secret;
+use fanout_core::{ApiToken, Role};
 use sha2::{Digest, Sha256};
 
 use super::ApiState;
@@ -12,15 +13,30 @@ use super::error::ApiError;
 /// The tenant used when the API runs without tokens.
 pub const OPEN_TENANT: &str = "default";
 
-/// The tenant of an authenticated request.
+/// The tenant of an authenticated request, and whether its token is an admin's.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct Tenant(pub(crate) String);
+pub(crate) struct Tenant(pub(crate) String, pub(crate) Role);
+
+impl Tenant {
+    pub(crate) fn is_admin(&self) -> bool {
+        self.1 == Role::Admin
+    }
+
+    /// Whether this caller may see `owner`'s reports.
+    pub(crate) fn may_see(&self, owner: &str) -> bool {
+        self.is_admin() || self.0 == owner
+    }
+}
+
+/// A caller with an admin token (or any caller of an open API): the operator routes.
+#[derive(Debug, Clone)]
+pub(crate) struct Admin(pub(crate) Tenant);
 
 /// Token digests → tenants. Tokens are compared as SHA-256 digests in constant time, so
 /// neither their length nor a common prefix leaks through timing.
 #[derive(Clone, Default)]
 pub(crate) struct Tokens {
-    entries: Vec<([u8; 32], String)>,
+    entries: Vec<([u8; 32], String, Role)>,
 }
 
 impl std::fmt::Debug for Tokens {
@@ -32,11 +48,11 @@ impl std::fmt::Debug for Tokens {
 }
 
 impl Tokens {
-    pub(crate) fn new(tokens: &[(Secret, String)]) -> Self {
+    pub(crate) fn new(tokens: &[ApiToken]) -> Self {
         Self {
             entries: tokens
                 .iter()
-                .map(|(secret, tenant)| (digest(secret.expose()), tenant.clone()))
+                .map(|t| (digest(t.secret.expose()), t.tenant.clone(), t.role))
                 .collect(),
         }
     }
@@ -46,14 +62,14 @@ impl Tokens {
         self.entries.is_empty()
     }
 
-    /// The tenant of `token`, if it is one of ours.
-    pub(crate) fn tenant(&self, token: &str) -> Option<&str> {
+    /// The tenant and role of `token`, if it is one of ours.
+    pub(crate) fn tenant(&self, token: &str) -> Option<(&str, Role)> {
         let d = digest(token);
         let mut found = None;
         // Look at every entry, so the time does not depend on which one matched.
-        for (known, tenant) in &self.entries {
+        for (known, tenant, role) in &self.entries {
             if constant_time_eq(known, &d) {
-                found = Some(tenant.as_str());
+                found = Some((tenant.as_str(), *role));
             }
         }
         found
@@ -77,7 +93,8 @@ impl FromRequestParts<ApiState> for Tenant {
     ) -> Result<Self, Self::Rejection> {
         let tokens = state.tokens();
         if tokens.is_open() {
-            return Ok(Tenant(OPEN_TENANT.to_owned()));
+            // An open API (no tokens: local use) has nobody to tell apart.
+            return Ok(Tenant(OPEN_TENANT.to_owned(), Role::Admin));
         }
         let Some(value) = parts.headers.get(header::AUTHORIZATION) else {
             return Err(ApiError::unauthorized(
@@ -96,8 +113,26 @@ impl FromRequestParts<ApiState> for Tenant {
             ));
         };
         match tokens.tenant(token) {
-            Some(tenant) => Ok(Tenant(tenant.to_owned())),
+            Some((tenant, role)) => Ok(Tenant(tenant.to_owned(), role)),
             None => Err(ApiError::unauthorized("the bearer token is not valid")),
+        }
+    }
+}
+
+impl FromRequestParts<ApiState> for Admin {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &ApiState,
+    ) -> Result<Self, Self::Rejection> {
+        let caller = Tenant::from_request_parts(parts, state).await?;
+        if caller.is_admin() {
+            Ok(Admin(caller))
+        } else {
+            Err(ApiError::forbidden(
+                "this route needs an admin token (`token=tenant:admin` in FANOUT_API_TOKENS)",
+            ))
         }
     }
 }
@@ -108,13 +143,18 @@ mod tests {
 
     #[test]
     fn tokens_map_to_tenants() {
+        let token = |secret: &str, tenant: &str, role| ApiToken {
+            secret: fanout_core::Secret::new(secret),
+            tenant: tenant.into(),
+            role,
+        };
         let t = Tokens::new(&[
-            (Secret::new("aaaaaaaaaaaaaaaa"), "acme".into()),
-            (Secret::new("bbbbbbbbbbbbbbbb"), "globex".into()),
+            token("aaaaaaaaaaaaaaaa", "acme", Role::Tenant),
+            token("bbbbbbbbbbbbbbbb", "globex", Role::Admin),
         ]);
         assert!(!t.is_open());
-        assert_eq!(t.tenant("bbbbbbbbbbbbbbbb"), Some("globex"));
-        assert_eq!(t.tenant("aaaaaaaaaaaaaaaa"), Some("acme"));
+        assert_eq!(t.tenant("bbbbbbbbbbbbbbbb"), Some(("globex", Role::Admin)));
+        assert_eq!(t.tenant("aaaaaaaaaaaaaaaa"), Some(("acme", Role::Tenant)));
         assert_eq!(t.tenant("aaaaaaaaaaaaaaa"), None);
         assert_eq!(t.tenant(""), None);
         assert!(!format!("{t:?}").contains("aaaa"));

@@ -99,6 +99,10 @@ pub struct Accepted {
     /// Jobs (provider calls) in the report.
     pub jobs: usize,
     pub links: Links,
+    /// What the caller should know though the report was accepted, e.g. that no worker is
+    /// alive to run it yet.
+    #[serde(default)]
+    pub warnings: Vec<String>,
 }
 
 /// `GET /v1/reports`: one page of the caller's reports, newest first.

@@ -2,6 +2,7 @@
 //! Events, read and cancel them; templates, health, readiness, metrics and the OpenAPI
 //! document. See the crate README for the routes and the wiring.
 
+mod admin;
 mod auth;
 mod dto;
 mod error;
@@ -12,6 +13,7 @@ mod routes;
 mod sse;
 pub use fanout_aggregator::webhook;
 
+pub use admin::{DeadLetterList, DeadWebhookList, Resolutions, WebhookSelection};
 pub use auth::OPEN_TENANT;
 pub use dto::{
     Accepted, Health, InputInfo, ItemInfo, Links, ReportList, ReportRef, SectionInfo, SubmitBody,
@@ -53,6 +55,7 @@ pub struct ApiState {
 
 struct Inner {
     producer: Producer,
+    ops: crate::ops::Operations,
     pool: Pool,
     tokens: Tokens,
     limiter: SubmitLimiter,
@@ -84,13 +87,15 @@ pub enum InitError {
     Templates(#[from] TemplateError),
     #[error("config key `webhooks.allow_hosts`: {0}")]
     WebhookTargets(String),
+    #[error("operator routes: {0}")]
+    Operations(#[from] crate::ops::OpsError),
 }
 
 impl ApiState {
     /// The API over `producer`. `pool` serves readiness checks and the submission limit
     /// (pass the producer's own pool). Tokens, body limit and submission limit come from
     /// `config.api`.
-    pub fn new(producer: Producer, pool: Pool, config: &Config) -> Self {
+    pub fn new(producer: Producer, pool: Pool, config: &Config) -> Result<Self, InitError> {
         let api = &config.api;
         if api.tokens.is_empty() {
             tracing::warn!(
@@ -98,8 +103,14 @@ impl ApiState {
             );
         }
         let openapi = openapi::document(producer.templates(), !api.tokens.is_empty());
-        Self {
+        let ops = crate::ops::Operations::new(
+            producer.queue().clone(),
+            producer.store().clone(),
+            config,
+        )?;
+        Ok(Self {
             inner: Arc::new(Inner {
+                ops,
                 tokens: Tokens::new(&api.tokens),
                 limiter: SubmitLimiter::new(api.submissions_per_minute, &config.redis.namespace),
                 max_body_bytes: api.max_body_bytes,
@@ -110,7 +121,7 @@ impl ApiState {
                 producer,
                 pool,
             }),
-        }
+        })
     }
 
     /// Everything from `config`: one Redis pool for the store, the queue and the API, and the
@@ -126,7 +137,7 @@ impl ApiState {
             templates,
         )
         .with_webhook_targets(targets);
-        Ok(Self::new(producer, pool, config))
+        Self::new(producer, pool, config)
     }
 
     /// The same state with other keep-alive and blocking-read intervals for event streams
@@ -134,6 +145,7 @@ impl ApiState {
     pub fn with_sse_intervals(self, keep_alive: Duration, block: Duration) -> Self {
         let inner = Arc::try_unwrap(self.inner).unwrap_or_else(|arc| Inner {
             producer: arc.producer.clone(),
+            ops: arc.ops.clone(),
             pool: arc.pool.clone(),
             tokens: arc.tokens.clone(),
             limiter: arc.limiter.clone(),
@@ -159,6 +171,11 @@ impl ApiState {
     /// The OpenAPI document served at `/openapi.json`.
     pub fn openapi(&self) -> serde_json::Value {
         serde_json::from_slice(&self.inner.openapi).expect("stored as json")
+    }
+
+    /// The operator actions behind the admin routes.
+    pub fn ops(&self) -> &crate::ops::Operations {
+        &self.inner.ops
     }
 
     pub(crate) fn store(&self) -> &Store {
@@ -193,10 +210,10 @@ impl ApiState {
         self.inner.sse_block
     }
 
-    /// The report if it exists and belongs to `tenant`; otherwise the same 404 either way.
+    /// The report if it exists and `tenant` may see it (its own, or any for an admin); otherwise the same 404 either way.
     pub(crate) async fn view_for(&self, tenant: &Tenant, id: &str) -> Result<ReportView, ApiError> {
         match self.store().view(id).await? {
-            Some(view) if view.tenant == tenant.0 => Ok(view),
+            Some(view) if tenant.may_see(&view.tenant) => Ok(view),
             _ => Err(ApiError::report_not_found(id)),
         }
     }
@@ -220,6 +237,29 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/reports/{id}/report.json", get(routes::document_json))
         .route("/v1/reports/{id}/report.md", get(routes::document_md))
         .route("/v1/templates", get(routes::templates))
+        .route("/v1/status", get(admin::status))
+        .route("/v1/dead-letters", get(admin::dead_letters))
+        .route(
+            "/v1/dead-letters/replay",
+            axum::routing::post(admin::replay),
+        )
+        .route(
+            "/v1/dead-letters/drop",
+            axum::routing::post(admin::drop_dead_letters),
+        )
+        .route(
+            "/v1/dead-letters/{id}",
+            axum::routing::delete(admin::drop_dead_letter),
+        )
+        .route("/v1/webhooks/dead", get(admin::dead_webhooks))
+        .route(
+            "/v1/webhooks/redeliver",
+            axum::routing::post(admin::redeliver_webhooks),
+        )
+        .route(
+            "/v1/webhooks/drop",
+            axum::routing::post(admin::drop_webhooks),
+        )
         .route("/healthz", get(routes::healthz))
         .route("/readyz", get(routes::readyz))
         .route("/metrics", get(routes::metrics))
@@ -258,6 +298,22 @@ pub async fn run(
     let addr = listener.local_addr()?;
     tracing::info!(addr = %addr, "api listening");
     let streams = state.streams_token();
+    // Queue depth and workers alive, for the alert that fires when work waits and no worker
+    // runs (the workers export queue depth too, but not when there are none).
+    let ops = state.ops().clone();
+    let gauges_stop = shutdown.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(crate::ops::GAUGES_EVERY);
+        loop {
+            tokio::select! {
+                _ = gauges_stop.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            if let Err(e) = ops.export_gauges().await {
+                tracing::debug!(error = %e, "could not sample the queue for metrics");
+            }
+        }
+    });
     let app = router(state);
     axum::serve(listener, app)
         .with_graceful_shutdown(async move {

@@ -21,7 +21,7 @@ use utoipa::{Modify, OpenApi};
 
 use super::dto::{self, input_kind_name};
 use super::error::{ErrorBody, ErrorDetail};
-use super::{routes, sse};
+use super::{admin, routes, sse};
 use crate::Templates;
 
 #[derive(OpenApi)]
@@ -41,6 +41,14 @@ use crate::Templates;
         routes::document_json,
         routes::document_md,
         routes::templates,
+        admin::status,
+        admin::dead_letters,
+        admin::replay,
+        admin::drop_dead_letters,
+        admin::drop_dead_letter,
+        admin::dead_webhooks,
+        admin::redeliver_webhooks,
+        admin::drop_webhooks,
         routes::healthz,
         routes::readyz,
         routes::metrics,
@@ -48,6 +56,20 @@ use crate::Templates;
     ),
     components(schemas(
         ErrorBody,
+        crate::ops::SystemStatus,
+        crate::ops::LaneStatus,
+        crate::ops::BudgetStatus,
+        crate::ops::WebhookOutbox,
+        fanout_queue::WorkerInfo,
+        crate::ops::DeadLetterInfo,
+        crate::ops::DeadLetterSelection,
+        crate::ops::DeadWebhookInfo,
+        crate::ops::Resolution,
+        crate::ops::ResolutionOutcome,
+        admin::DeadLetterList,
+        admin::DeadWebhookList,
+        admin::Resolutions,
+        admin::WebhookSelection,
         ErrorDetail,
         dto::SubmitBody,
         dto::Accepted,

@@ -96,14 +96,32 @@ pub(crate) async fn submit(
     if let Ok(v) = HeaderValue::from_str(&links.this) {
         headers.insert(header::LOCATION, v);
     }
+    // Accepted either way; the caller hears that nothing will run it yet. A failure to tell
+    // is not the submit's failure.
+    let warnings = match state.ops().idle_warning().await {
+        Ok(w) => w.into_iter().collect(),
+        Err(e) => {
+            tracing::debug!(error = %e, "could not check for live workers");
+            Vec::new()
+        }
+    };
     let body = Accepted {
         id: submitted.report_id,
         status,
         duplicate: submitted.duplicate,
         jobs: submitted.jobs,
         links,
+        warnings,
     };
     Ok((code, headers, Json(body)).into_response())
+}
+
+/// A tenant name as `FANOUT_API_TOKENS` allows it.
+fn is_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 64
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
 }
 
 /// Reports per page unless `limit` says otherwise, and the most a page holds.
@@ -125,6 +143,8 @@ pub(crate) struct ListParams {
     limit: Option<usize>,
     #[serde(default)]
     cursor: Option<String>,
+    #[serde(default)]
+    tenant: Option<String>,
 }
 
 #[utoipa::path(
@@ -142,12 +162,14 @@ pub(crate) struct ListParams {
         ("since" = Option<u64>, Query, description = "Only reports created at or after this (ms since the epoch)", minimum = 0, maximum = 9_007_199_254_740_991_u64),
         ("limit" = Option<usize>, Query, description = "Reports per page (default 20)", minimum = 1, maximum = 100),
         ("cursor" = Option<String>, Query, description = "`next_cursor` of the previous page", pattern = "^[0-9]{1,15}\\.[0-9A-Za-z-]{1,64}$"),
+        ("tenant" = Option<String>, Query, description = "Another tenant's reports (admin tokens only; default: the caller's)", pattern = "^[0-9A-Za-z._-]{1,64}$"),
     ),
     responses(
         (status = 200, description = "One page of reports.", body = ReportList),
         (status = 400, description = "A query parameter is invalid; `field` names it.", body = ErrorBody),
         (status = 401, description = "Missing or invalid bearer token.", body = ErrorBody,
             headers(("www-authenticate" = String, description = "`Bearer realm=\"fanout\"`"))),
+        (status = 403, description = "`tenant` names another tenant and the token is not an admin's.", body = ErrorBody),
         (status = 503, description = "Redis is unavailable.", body = ErrorBody,
             headers(("retry-after" = u64, description = "Seconds to wait"))),
     ),
@@ -178,10 +200,21 @@ pub(crate) async fn list_reports(
         ),
         None => None,
     };
+    let owner = match q.tenant.as_deref() {
+        None => tenant.0.as_str(),
+        Some(t) if !is_name(t) => return Err(bad("tenant", "is not a tenant name")),
+        Some(t) if tenant.may_see(t) => t,
+        Some(_) => {
+            return Err(ApiError::forbidden(
+                "only an admin token may list another tenant's reports",
+            )
+            .with_field("tenant"));
+        }
+    };
     let page = state
         .store()
         .list(
-            &tenant.0,
+            owner,
             &fanout_aggregator::ListQuery {
                 status: q.status,
                 template: q.template,

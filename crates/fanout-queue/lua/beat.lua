@@ -1,0 +1,27 @@
+-- A worker process says it is alive (or, with a TTL of 0, that it is leaving), and learns
+-- whether another one has gone silent.
+--
+-- KEYS[1]  workers      ZSET  consumer -> ms (Redis clock) after which it counts as gone
+-- KEYS[2]  worker-info  HASH  consumer -> what the worker says about itself (JSON)
+-- KEYS[3]  wake         STREAM
+-- ARGV[1]  consumer     ARGV[2]  TTL ms (0: leaving; jobs it still holds are reclaimed now)
+-- ARGV[3]  info JSON
+--
+-- Returns the number of other workers that have gone silent. When there are some, an entry on
+-- the wake stream makes idle claimers run the claim script, which takes over their jobs at
+-- once and forgets them (claim.lua, step 2).
+
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local ttl = tonumber(ARGV[2])
+if ttl > 0 then
+  redis.call('ZADD', KEYS[1], now + ttl, ARGV[1])
+  redis.call('HSET', KEYS[2], ARGV[1], ARGV[3])
+else
+  redis.call('ZADD', KEYS[1], 0, ARGV[1])
+end
+local lapsed = redis.call('ZCOUNT', KEYS[1], '-inf', '(' .. now)
+if lapsed > 0 then
+  redis.call('XADD', KEYS[3], 'MAXLEN', '~', '16', '*', 'lapsed', lapsed)
+end
+return lapsed
