@@ -96,10 +96,12 @@ fn print_status(s: &SystemStatus) {
 
     println!();
     println!(
-        "{:<24} {:>18} {:>22} {:>8} {:>8} {:>9}  PAUSED",
+        "{:<24} {:>16} {:>18} {:>12} {:>14} {:>7} {:>8} {:>9}  PAUSED",
         "BUDGET (key/family)",
         "RPM now (config)",
         "TPM now (config)",
+        "REQS LAST 60S",
+        "TOKENS LAST 60S",
         "LEARNT",
         "WAITERS",
         "IN FLIGHT"
@@ -115,7 +117,7 @@ fn print_status(s: &SystemStatus) {
             _ => "yes",
         };
         println!(
-            "{:<24} {:>18} {:>22} {:>8} {:>8} {:>9}  {}",
+            "{:<24} {:>16} {:>18} {:>12.0} {:>14.0} {:>7} {:>8} {:>9}  {}",
             format!("{}/{}", b.key, b.family),
             format!(
                 "{:.0} ({})",
@@ -125,6 +127,8 @@ fn print_status(s: &SystemStatus) {
                 "{:.0} ({})",
                 b.tokens_per_minute, b.configured_tokens_per_minute
             ),
+            b.requests_last_minute,
+            b.tokens_last_minute,
             learnt,
             b.waiters,
             format!("{}/{}", b.in_flight, b.max_concurrent_requests),

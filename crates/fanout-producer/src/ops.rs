@@ -86,6 +86,9 @@ pub struct BudgetStatus {
     pub configured_tokens_per_minute: u64,
     pub learnt_requests_per_minute: Option<u64>,
     pub learnt_tokens_per_minute: Option<u64>,
+    /// Requests admitted across the cluster in the last 60 s, and the tokens reserved for them.
+    pub requests_last_minute: f64,
+    pub tokens_last_minute: f64,
     /// Requests and tokens that could be taken now (negative: debt).
     pub requests_available: f64,
     pub tokens_available: f64,
@@ -290,6 +293,8 @@ impl Operations {
                 configured_tokens_per_minute: b.configured_tokens_per_minute,
                 learnt_requests_per_minute: b.learnt_requests_per_minute,
                 learnt_tokens_per_minute: b.learnt_tokens_per_minute,
+                requests_last_minute: b.requests_last_minute,
+                tokens_last_minute: b.tokens_last_minute,
                 requests_available: b.requests_available,
                 tokens_available: b.tokens_available,
                 paused_for_ms: b.paused_for.map(|p| p.as_millis() as u64),

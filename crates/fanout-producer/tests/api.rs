@@ -1364,10 +1364,26 @@ async fn a_webhook_outlives_its_deliverer_and_a_refused_one_is_kept_with_its_rea
     let error = gone_view["webhook"]["last_error"].as_str().unwrap_or("");
     assert!(error.contains("410"), "{gone_view}");
 
+    // An operator sees it over HTTP too.
+    let (status, _, listed) = s
+        .call(reqwest::Method::GET, "/v1/webhooks/dead", None, None)
+        .await?;
+    assert_eq!(status, StatusCode::OK, "{listed}");
+    assert_eq!(listed["webhooks"][0]["report_id"], gone, "{listed}");
+
     // The receiver is back: the dead webhook is sent again, from its first attempt.
     back.store(true, Ordering::SeqCst);
-    assert!(second.redeliver(gone).await?);
-    assert!(!second.redeliver("no-such-report").await?);
+    let (status, _, done) = s
+        .call(
+            reqwest::Method::POST,
+            "/v1/webhooks/redeliver",
+            None,
+            Some(&json!({"report_ids": [gone, "no-such-report"]})),
+        )
+        .await?;
+    assert_eq!(status, StatusCode::OK, "{done}");
+    assert_eq!(done["results"][0]["outcome"], "redelivered", "{done}");
+    assert_eq!(done["results"][1]["outcome"], "not_found", "{done}");
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let v = view(gone).await?;
@@ -1709,6 +1725,132 @@ async fn reports_are_listed_per_tenant_newest_first_with_filters_and_pages() -> 
         assert_eq!(status, StatusCode::BAD_REQUEST, "{query}: {err}");
         assert_eq!(error_of(&err).1, Some(field), "{query}: {err}");
     }
+    s.shutdown().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn operator_routes_need_an_admin_token_and_name_what_is_wrong() -> Result<()> {
+    const OPS: &str = "token-ops-00000000001";
+    let s = Stack::start(Options {
+        env: vec![("FANOUT_API_TOKENS", format!("{TOKENS},{OPS}=ops:admin"))],
+        ..Options::default()
+    })
+    .await?;
+    for path in ["/v1/status", "/v1/dead-letters", "/v1/webhooks/dead"] {
+        let (status, _, body) = s.call(reqwest::Method::GET, path, Some(ACME), None).await?;
+        assert_eq!(status, StatusCode::FORBIDDEN, "{path}: {body}");
+        assert!(
+            body["error"]["message"]
+                .as_str()
+                .unwrap_or("")
+                .contains("admin token")
+        );
+        let (status, _, _) = s.call(reqwest::Method::GET, path, None, None).await?;
+        assert_eq!(status, StatusCode::UNAUTHORIZED, "{path}");
+        let (status, _, body) = s.call(reqwest::Method::GET, path, Some(OPS), None).await?;
+        assert_eq!(status, StatusCode::OK, "{path}: {body}");
+    }
+    // A report submitted with no worker alive is accepted, with a warning saying so.
+    let (status, _, accepted) = s
+        .call(
+            reqwest::Method::POST,
+            "/v1/reports",
+            Some(ACME),
+            Some(&panel(2, None)),
+        )
+        .await?;
+    assert_eq!(status, StatusCode::ACCEPTED, "{accepted}");
+    assert!(
+        accepted["warnings"][0]
+            .as_str()
+            .unwrap_or("")
+            .contains("no worker is alive"),
+        "{accepted}"
+    );
+    let (_, _, st) = s
+        .call(reqwest::Method::GET, "/v1/status", Some(OPS), None)
+        .await?;
+    assert_eq!(st["lanes"][0]["lane"], "interactive", "{st}");
+    assert!(st["lanes"][0]["ready"].as_u64() >= Some(2), "{st}");
+    assert_eq!(st["workers"], json!([]), "{st}");
+    assert!(
+        st["warnings"][0]
+            .as_str()
+            .unwrap_or("")
+            .contains("no worker"),
+        "{st}"
+    );
+    // The admin lists another tenant's reports; a tenant may not.
+    let (status, _, list) = s
+        .call(
+            reqwest::Method::GET,
+            "/v1/reports?tenant=acme",
+            Some(OPS),
+            None,
+        )
+        .await?;
+    assert_eq!(status, StatusCode::OK, "{list}");
+    assert_eq!(list["reports"][0]["id"], accepted["id"], "{list}");
+    let (status, _, body) = s
+        .call(
+            reqwest::Method::GET,
+            "/v1/reports?tenant=acme",
+            Some(GLOBEX),
+            None,
+        )
+        .await?;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
+    assert_eq!(body["error"]["field"], "tenant");
+    // The admin may read any report; the other tenant still may not.
+    let path = format!("/v1/reports/{}", accepted["id"].as_str().context("id")?);
+    let (status, _, _) = s.call(reqwest::Method::GET, &path, Some(OPS), None).await?;
+    assert_eq!(status, StatusCode::OK);
+    let (status, _, _) = s
+        .call(reqwest::Method::GET, &path, Some(GLOBEX), None)
+        .await?;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+
+    // Selections that select nothing, or ids that are not ids, are named.
+    let cases = [
+        (json!({}), "ids"),
+        (json!({"ids": ["../../etc"]}), "ids"),
+        (json!({"ids": "interactive:1-0"}), "ids"),
+        (json!({"all": "yes"}), "all"),
+        (json!({"everything": true}), "everything"),
+    ];
+    for (body, field) in cases {
+        let (status, _, err) = s
+            .call(
+                reqwest::Method::POST,
+                "/v1/dead-letters/replay",
+                Some(OPS),
+                Some(&body),
+            )
+            .await?;
+        assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}: {err}");
+        assert_eq!(err["error"]["field"], field, "{body}: {err}");
+    }
+    let (status, _, gone) = s
+        .call(
+            reqwest::Method::DELETE,
+            "/v1/dead-letters/interactive:1-0",
+            Some(OPS),
+            None,
+        )
+        .await?;
+    assert_eq!(status, StatusCode::OK, "{gone}");
+    assert_eq!(gone["results"][0]["outcome"], "not_found");
+    let (status, _, err) = s
+        .call(
+            reqwest::Method::POST,
+            "/v1/webhooks/redeliver",
+            Some(OPS),
+            Some(&json!({"report_ids": ["a/b"]})),
+        )
+        .await?;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{err}");
+    assert_eq!(err["error"]["field"], "report_ids");
     s.shutdown().await;
     Ok(())
 }

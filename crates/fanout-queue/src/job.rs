@@ -244,9 +244,9 @@ impl DeadLetter {
     pub fn parse_id(id: &str) -> Option<(Lane, &str)> {
         let (lane, entry) = id.split_once(':')?;
         let (ms, seq) = entry.split_once('-')?;
-        let digits =
-            |s: &str| !s.is_empty() && s.len() <= 20 && s.bytes().all(|b| b.is_ascii_digit());
-        (digits(ms) && digits(seq)).then_some((Lane::parse(lane)?, entry))
+        // Stream ids are two u64s: anything else would be a Redis error, not "not found".
+        let number = |s: &str| s.bytes().all(|b| b.is_ascii_digit()) && s.parse::<u64>().is_ok();
+        (number(ms) && number(seq)).then_some((Lane::parse(lane)?, entry))
     }
 }
 

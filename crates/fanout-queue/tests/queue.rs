@@ -590,8 +590,14 @@ async fn dead_letters_replay_once_with_fresh_attempts_or_drop() {
     assert_eq!(DeadLetter::parse_id("interactive:../x"), None);
 
     // Replayed twice (two operators at once, or a retried request): one job.
-    assert_eq!(q.replay_dead(std::slice::from_ref(&a)).await.unwrap(), vec![true]);
-    assert_eq!(q.replay_dead(std::slice::from_ref(&a)).await.unwrap(), vec![false]);
+    assert_eq!(
+        q.replay_dead(std::slice::from_ref(&a)).await.unwrap(),
+        vec![true]
+    );
+    assert_eq!(
+        q.replay_dead(std::slice::from_ref(&a)).await.unwrap(),
+        vec![false]
+    );
     let again = q.claim(&c, 10, NO_BLOCK).await.unwrap();
     assert_eq!(again.len(), 1);
     assert_eq!(
@@ -604,7 +610,10 @@ async fn dead_letters_replay_once_with_fresh_attempts_or_drop() {
     );
     q.ack(&again[0]).await.unwrap();
 
-    assert_eq!(q.drop_dead(std::slice::from_ref(&b)).await.unwrap(), vec![true]);
+    assert_eq!(
+        q.drop_dead(std::slice::from_ref(&b)).await.unwrap(),
+        vec![true]
+    );
     assert_eq!(q.replay_dead(&[b]).await.unwrap(), vec![false]);
     assert!(q.claim(&c, 10, NO_BLOCK).await.unwrap().is_empty());
     assert!(q.dead_letters(10).await.unwrap().is_empty());

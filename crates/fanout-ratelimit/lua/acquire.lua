@@ -192,8 +192,19 @@ local function admit(k, tok_weight, probe)
   local new_t = charged_tokens(k, real_t[k], now, tok_weight)
   local tokens = tok_weight * tok_per_ms[k]
   local tt = typical[k] and typical[k] + (tokens - typical[k]) * 0.05 or tokens
+  -- What was admitted this clock minute and the one before (`fanout status` shows the last 60 s
+  -- from them): um = minute, ur/ut = its requests/tokens, pr/pt = the previous minute's.
+  local u = redis.call('HMGET', bucket, 'um', 'ur', 'ut', 'pr', 'pt')
+  local m = math.floor(now / 60000)
+  local um, ur, ut = tonumber(u[1]), tonumber(u[2]) or 0, tonumber(u[3]) or 0
+  local pr, pt = tonumber(u[4]) or 0, tonumber(u[5]) or 0
+  if um ~= m then
+    if um == m - 1 then pr, pt = ur, ut else pr, pt = 0, 0 end
+    ur, ut = 0, 0
+  end
   redis.call('HSET', bucket, 'rtat', string.format('%.3f', new_r), 'ttat', string.format('%.3f', new_t),
-    'tt', string.format('%.1f', tt))
+    'tt', string.format('%.1f', tt), 'um', m, 'ur', ur + 1, 'ut', string.format('%.0f', ut + tokens),
+    'pr', pr, 'pt', pt)
   local idle_after = math.max(new_r, new_t, paused[k]) - now
   redis.call('PEXPIRE', bucket, math.ceil(idle_after + 60000))
   redis.call('ZADD', leases, now + lease_ms, me)

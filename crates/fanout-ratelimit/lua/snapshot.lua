@@ -13,7 +13,8 @@
 -- ARGV[5 ..] per bucket: starting rpm, starting tpm, cap rpm, cap tpm (0 = none)
 -- Returns: {now ms (string), leases in use,
 --           n x {rtat, ttat, paused, effective rpm, effective tpm, learnt rpm, learnt tpm,
---                recovered (0/1)} (strings or false),
+--                recovered (0/1), requests and tokens admitted in the last 60 s}
+--                (strings or false),
 --           live waiters per family...}
 
 local t = redis.call('TIME')
@@ -45,6 +46,20 @@ for i = 1, n do
   table.insert(state, learnt[1] and tostring(learnt[1]) or false)
   table.insert(state, learnt[2] and tostring(learnt[2]) or false)
   table.insert(state, recovered)
+  -- Admitted in the last 60 s: this minute's count plus the part of the previous minute's that
+  -- is still inside the window (acquire.lua keeps both).
+  local u = redis.call('HMGET', KEYS[1 + i], 'um', 'ur', 'ut', 'pr', 'pt')
+  local m, frac = math.floor(now / 60000), (now % 60000) / 60000
+  local um = tonumber(u[1])
+  local ur, ut, pr, pt = tonumber(u[2]) or 0, tonumber(u[3]) or 0, tonumber(u[4]) or 0, tonumber(u[5]) or 0
+  local used_r, used_t = 0, 0
+  if um == m then
+    used_r, used_t = ur + pr * (1 - frac), ut + pt * (1 - frac)
+  elseif um == m - 1 then
+    used_r, used_t = ur * (1 - frac), ut * (1 - frac)
+  end
+  table.insert(state, string.format('%.1f', used_r))
+  table.insert(state, string.format('%.1f', used_t))
   table.insert(out, state)
 end
 for i = 2 + 2 * n, #KEYS do

@@ -170,6 +170,10 @@ pub struct BudgetSnapshot {
     pub learnt_tokens_per_minute: Option<u64>,
     /// Requests that could start now (negative: debt).
     pub requests_available: f64,
+    /// Requests admitted across the cluster in the last 60 s, and the tokens reserved for them
+    /// (estimates; what providers count at admission).
+    pub requests_last_minute: f64,
+    pub tokens_last_minute: f64,
     /// Tokens that could be taken now (negative: debt from an under-estimate or a big request).
     pub tokens_available: f64,
     /// How long the provider asked us to hold off, if it did and the time is not over.
@@ -843,6 +847,8 @@ impl Budget {
                 learnt_tokens_per_minute: learnt(6),
                 requests_available: available(rtat, rpm),
                 tokens_available: available(ttat, tpm),
+                requests_last_minute: field(8),
+                tokens_last_minute: field(9),
                 paused_for: (paused > now)
                     .then(|| Duration::from_secs_f64((paused - now) / 1000.0)),
                 leases_in_use: leases,

@@ -124,6 +124,14 @@ async fn a_pause_from_feedback_holds_every_instance() {
 
     let snap = b.snapshot().await.unwrap();
     let paused = snap[0].paused_for.expect("b sees the pause");
+    // b's one admission is counted where every instance sees it (all of it, unless a clock
+    // minute turned since: then the part of it still inside the last 60 s).
+    let used = a.snapshot().await.unwrap()[0].clone();
+    assert!(
+        used.requests_last_minute > 0.0 && used.requests_last_minute <= 1.0,
+        "{used:?}"
+    );
+    assert!(used.tokens_last_minute > 0.0, "{used:?}");
     assert!(
         paused > Duration::from_millis(1_000) && paused <= pause,
         "{paused:?}"
