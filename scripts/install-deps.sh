@@ -3,7 +3,8 @@
 # redis-server (every test starts its own), promtool (Debian's `prometheus` package; the metrics
 # test checks the exposition with it) and openssl (the TLS test's certificate); with --clients,
 # python3's venv, node and npm (scripts/generated-clients.sh generates and runs API clients) and
-# curl; with --lint, cargo-deny (from crates.io, built once: a few minutes). Idempotent: does
+# curl; Debian's chromium and chromium-driver (the web UI's test drives a real headless browser);
+# with --lint, cargo-deny (from crates.io, built once: a few minutes). Idempotent: does
 # nothing when everything is present.
 #
 # Usage: install-deps.sh [--demo | --clients | --lint]
@@ -32,6 +33,9 @@ case "$mode" in
     command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
     # The TLS test makes a self-signed certificate for its redis-server.
     command -v openssl >/dev/null 2>&1 || missing+=(openssl)
+    # The web UI test (tests/ui.rs) drives Debian's Chromium through ChromeDriver.
+    command -v chromium >/dev/null 2>&1 || missing+=(chromium)
+    command -v chromedriver >/dev/null 2>&1 || missing+=(chromium-driver)
     ;;
 esac
 [ ${#missing[@]} -eq 0 ] && exit 0

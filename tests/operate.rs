@@ -3,7 +3,7 @@
 
 use std::time::{Duration, Instant};
 
-use fanout_system_tests::{Cluster, ClusterSpec, section};
+use fanout_system_tests::{Cluster, ClusterSpec, http_get_as, section};
 use fanout_test_support::{FanoutProcess, free_port, run_fanout, wait_for_port, wait_until};
 
 const PANEL: &str = "config/examples/persona-panel.json";
@@ -28,7 +28,9 @@ fn cluster(workers: usize, extra_env: &[(&str, &str)]) -> (Cluster, FanoutProces
     );
     let cluster = Cluster::start(ClusterSpec {
         workers,
-        concurrency: 4,
+        // Room for the whole panel on either worker: a job taken over from a killed worker
+        // starts at once, so its start time measures the takeover, not a wait for a slot.
+        concurrency: 24,
         // A persona critique takes about 0.5 s: long enough to kill a worker mid-call.
         time_scale: 0.02,
         env,
@@ -36,7 +38,14 @@ fn cluster(workers: usize, extra_env: &[(&str, &str)]) -> (Cluster, FanoutProces
     });
     let port = free_port();
     let listen = format!("127.0.0.1:{port}");
-    let api = FanoutProcess::start("api", &["api", "--listen", &listen], &cluster.env);
+    // The API holds no provider key: what it shows of the budget comes from Redis.
+    let api_env: Vec<(String, String)> = cluster
+        .env
+        .iter()
+        .filter(|(k, _)| k != "OPENAI_API_KEY")
+        .cloned()
+        .collect();
+    let api = FanoutProcess::start("api", &["api", "--listen", &listen], &api_env);
     assert!(
         wait_for_port(port, Duration::from_secs(20)),
         "fanout api did not listen"
@@ -80,18 +89,26 @@ fn submit_panel(api: &str) -> String {
     out.lines().next().unwrap().trim().to_owned()
 }
 
-/// Wait until the worker with `pid` holds jobs, by the registry's count.
-fn wait_busy(api: &str, pid: u64) {
+/// Wait until a worker holds jobs, by the registry's count; its index in `cluster.workers`.
+fn busy_worker(api: &str, cluster: &Cluster) -> usize {
+    let mut found = None;
     assert!(
         wait_until(Duration::from_secs(20), || {
-            status(api)["workers"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .any(|w| w["pid"].as_u64() == Some(pid) && w["in_flight"].as_u64() > Some(0))
+            let s = status(api);
+            found = s["workers"].as_array().unwrap().iter().find_map(|w| {
+                let pid = w["pid"].as_u64()?;
+                (w["in_flight"].as_u64() > Some(0)).then_some(pid)
+            });
+            found.is_some()
         }),
-        "worker {pid} never ran a job"
+        "no worker ran a job"
     );
+    let pid = found.unwrap();
+    cluster
+        .workers
+        .iter()
+        .position(|w| u64::from(w.pid()) == pid)
+        .expect("a worker of this cluster")
 }
 
 #[test]
@@ -110,12 +127,16 @@ fn a_killed_worker_leaves_status_within_its_ttl_and_its_jobs_run_elsewhere_at_on
         status(&api)["workers"]
     );
     let id = submit_panel(&api);
-    wait_busy(&api, pids[0]);
-    cluster.workers[0].kill();
+    let victim = busy_worker(&api, &cluster);
+    cluster.workers[victim].kill();
     let killed = Instant::now();
+    let killed_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
     assert!(
         wait_until(Duration::from_secs(5), || !worker_pids(&api)
-            .contains(&pids[0])),
+            .contains(&pids[victim])),
         "the killed worker is still listed after 5 s"
     );
     let gone_after = killed.elapsed();
@@ -139,19 +160,66 @@ fn a_killed_worker_leaves_status_within_its_ttl_and_its_jobs_run_elsewhere_at_on
         items.iter().any(|i| i["attempts"].as_u64() >= Some(2)),
         "{items:?}"
     );
+    // Every section the killed worker held started again on the other one within 5 s of the
+    // kill: the second `section.started` of a job, from the report's event stream.
+    let port: u16 = api.rsplit(':').next().unwrap().parse().unwrap();
+    let (code, events) = http_get_as(port, &format!("/v1/reports/{id}/events"), ACME);
+    assert_eq!(code, 200, "{events}");
+    let mut starts: std::collections::HashMap<String, Vec<u64>> = Default::default();
+    for line in events.lines() {
+        let Some(data) = line.strip_prefix("data:") else {
+            continue;
+        };
+        let Ok(e) = serde_json::from_str::<serde_json::Value>(data.trim()) else {
+            continue;
+        };
+        if e["kind"] == "section.started" {
+            starts
+                .entry(e["job_id"].as_str().unwrap_or("").to_owned())
+                .or_default()
+                .push(e["ts"].as_u64().unwrap_or(0));
+        }
+    }
+    let restarts: Vec<u64> = starts
+        .values()
+        .filter(|ts| ts.len() >= 2)
+        .map(|ts| ts[1].saturating_sub(killed_ms))
+        .collect();
+    assert!(
+        !restarts.is_empty(),
+        "no job of the killed worker ran again: {starts:?}"
+    );
+    let slowest = restarts.iter().max().copied().unwrap_or(0);
+    assert!(
+        slowest <= 5_000,
+        "the killed worker's jobs started again {restarts:?} ms after the kill"
+    );
+    // The budget the workers used, as the API (which has no provider key) sees it.
+    let budget = status(&api)["budget"].clone();
+    assert!(
+        budget
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|b| b["key"] == "default" && b["requests_last_minute"].as_f64() > Some(0.0)),
+        "{budget}"
+    );
+    eprintln!(
+        "killed worker: gone from status after {gone_after:?}; its {} jobs started again {restarts:?} ms after the kill; report completed {finished_after:?} after it",
+        restarts.len()
+    );
 }
 
 #[test]
 fn a_dead_letter_is_listed_replayed_to_completion_and_a_second_replay_does_nothing() {
     // One delivery allowed: the jobs a killed worker held are dead-lettered, not retried.
     let (mut cluster, _api, api) = cluster(2, &[("FANOUT_QUEUE__MAX_DELIVERIES", "1")]);
-    let pid0 = u64::from(cluster.workers[0].pid());
     assert!(wait_until(Duration::from_secs(10), || worker_pids(&api)
         .len()
         == 2));
     let id = submit_panel(&api);
-    wait_busy(&api, pid0);
-    cluster.workers[0].kill();
+    let victim = busy_worker(&api, &cluster);
+    cluster.workers[victim].kill();
 
     // The report finishes without the killed worker's sections.
     let (code, _, _) = remote(&api, Some(ACME), &["watch", &id]);

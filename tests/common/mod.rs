@@ -170,19 +170,30 @@ pub fn scrape(port: u16, series: &str, labels: &[&str]) -> Option<f64> {
 
 /// `GET path` on 127.0.0.1:`port`: (status, body). Plain HTTP/1.1 with `Connection: close`.
 pub fn http_get(port: u16, path: &str) -> (u16, String) {
-    http(port, "GET", path, None)
+    http(port, "GET", path, None, None)
+}
+
+/// `GET path` with `Authorization: Bearer <token>`: (status, body).
+pub fn http_get_as(port: u16, path: &str, token: &str) -> (u16, String) {
+    http(port, "GET", path, None, Some(token))
 }
 
 /// `POST path` with a JSON body: (status, body).
 pub fn http_post_json(port: u16, path: &str, body: &serde_json::Value) -> (u16, String) {
-    http(port, "POST", path, Some(&body.to_string()))
+    http(port, "POST", path, Some(&body.to_string()), None)
 }
 
-fn http(port: u16, method: &str, path: &str, json: Option<&str>) -> (u16, String) {
+fn http(
+    port: u16,
+    method: &str,
+    path: &str,
+    json: Option<&str>,
+    token: Option<&str>,
+) -> (u16, String) {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
     let body = json.unwrap_or("");
-    let content = if json.is_some() {
+    let mut content = if json.is_some() {
         format!(
             "Content-Type: application/json\r\nContent-Length: {}\r\n",
             body.len()
@@ -190,6 +201,9 @@ fn http(port: u16, method: &str, path: &str, json: Option<&str>) -> (u16, String
     } else {
         String::new()
     };
+    if let Some(t) = token {
+        content.push_str(&format!("Authorization: Bearer {t}\r\n"));
+    }
     write!(
         s,
         "{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n{content}\r\n{body}"

@@ -107,9 +107,7 @@ fn print_status(s: &SystemStatus) {
         "IN FLIGHT"
     );
     if s.budget.is_empty() {
-        println!(
-            "(no API key configured here: the budget is listed per key name, as the workers see them)"
-        );
+        println!("(no budget in use yet: it appears with the first provider call)");
     }
     for b in &s.budget {
         let learnt = match (b.learnt_requests_per_minute, b.learnt_tokens_per_minute) {

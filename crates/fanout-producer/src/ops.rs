@@ -225,6 +225,10 @@ pub struct Operations {
     store: Store,
     budget: Budget,
     webhooks: Webhooks,
+    key_names: Vec<String>,
+    namespace: String,
+    budget_config: fanout_core::config::BudgetConfig,
+    default_model: String,
 }
 
 impl std::fmt::Debug for Operations {
@@ -234,10 +238,10 @@ impl std::fmt::Debug for Operations {
 }
 
 impl Operations {
-    /// Over the producer's queue and store, with the budget of `config`'s API key names (the
-    /// budget is listed per key name as the workers see them) and default model.
+    /// Over the producer's queue and store. The status lists the budget of every (key name,
+    /// model family) found in Redis, and of `config`'s key names and default model.
     pub fn new(queue: Queue, store: Store, config: &fanout_core::Config) -> Result<Self, OpsError> {
-        let names = config
+        let key_names: Vec<String> = config
             .provider
             .keys
             .iter()
@@ -247,7 +251,7 @@ impl Operations {
             store.pool().clone(),
             &config.redis.namespace,
             config.budget.clone(),
-            names,
+            key_names.clone(),
         );
         budget.track(&config.provider.default_model);
         let webhooks = Webhooks::new(
@@ -259,6 +263,10 @@ impl Operations {
             store,
             budget,
             webhooks,
+            key_names,
+            namespace: config.redis.namespace.clone(),
+            budget_config: config.budget.clone(),
+            default_model: config.provider.default_model.clone(),
         })
     }
 
@@ -279,8 +287,26 @@ impl Operations {
             })
             .collect();
         let workers = self.queue.workers().await?;
-        let budget = self
-            .budget
+        // The budgets the workers use, whether or not this process has their keys configured
+        // (an API process usually has none).
+        let in_use = self.budget.in_use().await?;
+        let mut names: Vec<String> = self.key_names.clone();
+        for (key, _) in &in_use {
+            if !names.contains(key) {
+                names.push(key.clone());
+            }
+        }
+        let budget = Budget::new(
+            self.store.pool().clone(),
+            &self.namespace,
+            self.budget_config.clone(),
+            names,
+        );
+        budget.track(&self.default_model);
+        for (_, family) in &in_use {
+            budget.track(family);
+        }
+        let budget = budget
             .snapshot()
             .await?
             .into_iter()

@@ -141,18 +141,23 @@ for _, w in ipairs(lapsed) do
   if w ~= consumer then
     local holds = false
     for _, s in ipairs(streams()) do
-      local want = math.max(remaining, 1)
-      local p = redis.pcall('XPENDING', s, group, '-', '+', want, w)
+      -- A job delivered max_deliveries times already goes to the dead letter now, slot or no
+      -- slot; the others are taken while this consumer has room.
+      local p = redis.pcall('XPENDING', s, group, '-', '+', 100, w)
       if type(p) == 'table' and not p.err and #p > 0 then
-        if remaining > 0 then
-          local ids = {}
-          for i, e in ipairs(p) do ids[i] = e[1] end
+        if #p >= 100 then holds = true end
+        local ids = {}
+        for _, e in ipairs(p) do
+          if tonumber(e[4]) >= max_deliveries or #ids < remaining then
+            ids[#ids + 1] = e[1]
+          else
+            holds = true
+          end
+        end
+        if #ids > 0 then
           for _, e in ipairs(redis.call('XCLAIM', s, group, consumer, 0, unpack(ids))) do
             take_over(s, e)
           end
-          if #p >= want then holds = true end
-        else
-          holds = true
         end
       end
     end

@@ -618,3 +618,39 @@ async fn dead_letters_replay_once_with_fresh_attempts_or_drop() {
     assert!(q.claim(&c, 10, NO_BLOCK).await.unwrap().is_empty());
     assert!(q.dead_letters(10).await.unwrap().is_empty());
 }
+
+#[tokio::test]
+async fn a_silent_workers_jobs_past_their_delivery_limit_are_dead_lettered_without_a_free_slot() {
+    let s = setup(&[
+        ("FANOUT_QUEUE__VISIBILITY_TIMEOUT_SECS", "30"),
+        ("FANOUT_QUEUE__MAX_DELIVERIES", "1"),
+    ]);
+    let q = &s.queue;
+    for id in ["a", "b", "c"] {
+        q.enqueue(job(id)).await.unwrap();
+    }
+    let (ca, cb) = (ConsumerId::unique("a"), ConsumerId::unique("b"));
+    let info = WorkerInfo {
+        id: ca.as_str().to_owned(),
+        host: "h".into(),
+        pid: 1,
+        version: "v".into(),
+        started_at_ms: 1,
+        concurrency: 3,
+        in_flight: 3,
+        ttl_ms: 300,
+        last_seen_ms: 0,
+    };
+    q.beat(&info).await.unwrap();
+    assert_eq!(q.claim(&ca, 3, NO_BLOCK).await.unwrap().len(), 3);
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    // One free slot, three jobs that killed their worker once: all three go to the dead letter
+    // in this one claim, none runs.
+    assert!(q.claim(&cb, 1, NO_BLOCK).await.unwrap().is_empty());
+    let dead = q.dead_letters(10).await.unwrap();
+    assert_eq!(dead.len(), 3, "{dead:?}");
+    assert!(
+        dead.iter()
+            .all(|d| d.reason == "delivery limit: worker died 1 times")
+    );
+}

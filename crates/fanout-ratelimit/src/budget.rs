@@ -325,6 +325,22 @@ impl Budget {
         }
     }
 
+    /// The (key name, model family) budgets that exist in Redis, whoever uses them: what an
+    /// operator's process (which may hold no provider key itself) lists in its status. A SCAN:
+    /// for operator reads, not for a hot path.
+    pub async fn in_use(&self) -> Result<Vec<(String, String)>> {
+        let inner = &*self.inner;
+        let mut pairs = BTreeSet::new();
+        for pattern in inner.keys.pair_patterns() {
+            for key in inner.redis.scan(&pattern).await? {
+                if let Some(pair) = inner.keys.parse_pair(&key) {
+                    pairs.insert(pair);
+                }
+            }
+        }
+        Ok(pairs.into_iter().collect())
+    }
+
     /// This process's counters.
     pub fn stats(&self) -> Arc<BudgetStats> {
         self.inner.stats.clone()

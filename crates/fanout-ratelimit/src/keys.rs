@@ -22,6 +22,24 @@ impl Keys {
         format!("{}:leases", self.prefix)
     }
 
+    /// The (key name, family) of a [`Keys::bucket`] or [`Keys::limits`] key.
+    pub(crate) fn parse_pair(&self, key: &str) -> Option<(String, String)> {
+        let rest = key.strip_prefix(&self.prefix)?.strip_prefix(':')?;
+        let rest = rest
+            .strip_prefix("bucket:")
+            .or_else(|| rest.strip_prefix("limits:"))?;
+        let (k, f) = rest.split_once(':')?;
+        Some((k.to_owned(), f.to_owned()))
+    }
+
+    /// SCAN patterns of every bucket and limits key.
+    pub(crate) fn pair_patterns(&self) -> [String; 2] {
+        [
+            format!("{}:bucket:*", self.prefix),
+            format!("{}:limits:*", self.prefix),
+        ]
+    }
+
     /// HASH `rtat`, `ttat`, `paused` of one (API key name, model family) budget.
     pub(crate) fn bucket(&self, key: &str, family: &str) -> String {
         format!("{}:bucket:{key}:{family}", self.prefix)

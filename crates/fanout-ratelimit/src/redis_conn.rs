@@ -68,6 +68,32 @@ impl Redis {
         self.shared.check(e);
     }
 
+    /// Every key matching `pattern` (SCAN, 500 at a time): for operator reads, never a hot path.
+    pub(crate) async fn scan(&self, pattern: &str) -> Result<Vec<String>> {
+        let mut conn = self.conn().await?;
+        let mut cursor: u64 = 0;
+        let mut out = Vec::new();
+        loop {
+            let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(pattern)
+                .arg("COUNT")
+                .arg(500)
+                .query_async(&mut conn)
+                .await
+                .map_err(|e| {
+                    self.forget_on(&e);
+                    Error::Redis(e)
+                })?;
+            out.extend(keys);
+            if next == 0 {
+                return Ok(out);
+            }
+            cursor = next;
+        }
+    }
+
     /// EVALSHA the invocation (loading the script on NOSCRIPT).
     pub(crate) async fn run(&self, invocation: &ScriptInvocation<'_>) -> Result<Value> {
         let mut conn = self.conn().await?;

@@ -11,6 +11,7 @@ pub(crate) mod openapi;
 mod ratelimit;
 mod routes;
 mod sse;
+mod ui;
 pub use fanout_aggregator::webhook;
 
 pub use admin::{DeadLetterList, DeadWebhookList, Resolutions, WebhookSelection};
@@ -260,6 +261,10 @@ pub fn router(state: ApiState) -> Router {
             "/v1/webhooks/drop",
             axum::routing::post(admin::drop_webhooks),
         )
+        .route("/ui", get(ui::index))
+        .route("/ui/", get(ui::index))
+        .route("/ui/app.js", get(ui::app_js))
+        .route("/ui/app.css", get(ui::app_css))
         .route("/healthz", get(routes::healthz))
         .route("/readyz", get(routes::readyz))
         .route("/metrics", get(routes::metrics))
