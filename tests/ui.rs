@@ -181,8 +181,28 @@ async fn a_report_fills_in_live_in_a_browser_and_report_text_never_runs_as_scrip
     let b = driver.browser().await;
     sign_in(&b, &api).await;
 
-    // A startup report through the form generated from the template's inputs.
+    // A startup report through the form generated from the template's inputs. Sent empty
+    // first: the API's 422 shows beside the field it names.
     choose_template(&b, "startup-report").await;
+    b.find(Locator::Id("submit"))
+        .await
+        .expect("submit button")
+        .click()
+        .await
+        .expect("click submit");
+    let message = until(
+        &b,
+        "the error beside the idea field",
+        Duration::from_secs(10),
+        "const e = document.querySelector('.field-error[data-error-for=\"inputs.idea\"]'); \
+         return e && !e.hidden && e.textContent",
+    )
+    .await;
+    assert!(
+        message.as_str().unwrap_or("").contains("required"),
+        "{message}"
+    );
+    screenshot(&b, "form-error").await;
     let inputs: Value = serde_json::from_str(
         &std::fs::read_to_string(workspace_root().join("config/examples/startup-report.json"))
             .unwrap(),
