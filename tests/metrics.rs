@@ -23,6 +23,38 @@ fn api_worker_and_aggregator_metrics_exist_move_and_pass_promtool() {
         assert_eq!(http_get(*port, "/healthz").0, 200);
         assert_eq!(http_get(*port, "/readyz").0, 200);
     }
+    // Before any work, the series an alert or a panel needs already exist at 0 (once the
+    // worker is up: it warms its tokenizer first).
+    assert!(
+        fanout_test_support::wait_until(Duration::from_secs(20), || {
+            sample(
+                &http_get(cluster.metrics_ports[0], "/metrics").1,
+                "fanout_worker_up",
+                &[],
+            ) == Some(1.0)
+        }),
+        "worker up"
+    );
+    let worker = http_get(cluster.metrics_ports[0], "/metrics").1;
+    for (series, labels) in [
+        (
+            "fanout_budget_rate_limited_total",
+            &["key=\"default\"", "model=\"gpt-4o-mini\""][..],
+        ),
+        (
+            "fanout_budget_pauses_total",
+            &["key=\"default\"", "model=\"gpt-4o-mini\""][..],
+        ),
+        ("fanout_jobs_dead_lettered_total", &["lane=\"batch\""][..]),
+        ("fanout_cache_requests_total", &["result=\"hit\""][..]),
+    ] {
+        assert_eq!(sample(&worker, series, labels), Some(0.0), "{series}");
+    }
+    let aggregator = http_get(*cluster.metrics_ports.last().unwrap(), "/metrics").1;
+    assert_eq!(
+        sample(&aggregator, "fanout_webhooks_total", &["outcome=\"dead\""]),
+        Some(0.0)
+    );
     // A backend service submits over HTTP; the CLI follows the report to the end.
     let api_port = fanout_test_support::free_port();
     let _api = FanoutProcess::start(

@@ -167,6 +167,7 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) -> Result<(), ServeError> {
     let webhooks = Webhooks::new(webhooks, &store)?;
+    METRICS.zero_webhook_series();
     let delivering = tokio::spawn({
         let shutdown = shutdown.clone();
         async move { webhooks.run(shutdown, grace).await }

@@ -22,6 +22,9 @@ const REPORT_BUCKETS: &[f64] = &[
     1.0, 5.0, 10.0, 30.0, 60.0, 90.0, 120.0, 180.0, 300.0, 600.0, 1200.0, 1800.0,
 ];
 
+/// The queue's lanes, as labels.
+const LANES: [&str; 2] = ["interactive", "batch"];
+
 /// A lane's depth for [`Metrics::set_queue_depth`].
 #[derive(Debug, Clone, Copy, Default)]
 pub struct QueueDepth {
@@ -129,6 +132,47 @@ impl Metrics {
         self.queue_oldest_age
             .with_label_values(&[lane])
             .set(depth.oldest_ready_secs);
+    }
+
+    /// Create at 0 the worker's series whose labels are known at start: per (key, model) the
+    /// budget's admissions, 429s and pauses; per lane the dead letters and releases; cache
+    /// hits and misses. A counter that first appears at its first event is invisible to
+    /// `rate()` for that event, and dashboards show "No data" instead of 0.
+    pub fn zero_worker_series(&self, keys: &[&str], models: &[&str]) {
+        for key in keys {
+            for model in models {
+                for c in [
+                    &self.budget_admissions,
+                    &self.budget_admitted_tokens,
+                    &self.budget_rate_limited,
+                    &self.budget_pauses,
+                ] {
+                    c.with_label_values(&[key, model]);
+                }
+            }
+        }
+        for lane in LANES {
+            self.jobs_dead_lettered.with_label_values(&[lane]);
+            self.jobs_released.with_label_values(&[lane]);
+        }
+        for result in ["hit", "miss"] {
+            self.cache_requests.with_label_values(&[result]);
+        }
+    }
+
+    /// Create at 0 the webhook outcomes (aggregator) and the reports submitted per known
+    /// template (API), for the same reason.
+    pub fn zero_webhook_series(&self) {
+        for outcome in ["delivered", "retried", "dead"] {
+            self.webhooks.with_label_values(&[outcome]);
+        }
+    }
+
+    /// See [`Metrics::zero_webhook_series`].
+    pub fn zero_template_series(&self, templates: &[&str]) {
+        for t in templates {
+            self.reports_submitted.with_label_values(&[t]);
+        }
     }
 
     fn new() -> Self {

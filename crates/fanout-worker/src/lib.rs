@@ -44,9 +44,19 @@ pub async fn run(
         concurrency: options.concurrency.max(1),
         grace: options.grace,
         job_timeout: Duration::from_secs(config.worker.job_timeout_secs),
+        liveness_ttl: Duration::from_millis(config.worker.liveness_ttl_ms),
         ..fanout_queue::WorkerOptions::default()
     };
     fanout_metrics::METRICS.worker_up.set(1.0);
+    // Series whose labels are known now exist from the start at 0: panels show 0, not
+    // "No data", and `rate()` alerts see the first 429 or dead letter as an increase.
+    let keys: Vec<&str> = config
+        .provider
+        .keys
+        .iter()
+        .map(|k| k.name.as_str())
+        .collect();
+    fanout_metrics::METRICS.zero_worker_series(&keys, &[config.provider.default_model.as_str()]);
     fanout_metrics::METRICS
         .concurrency_limit
         .set(i64::from(config.budget.max_concurrent_requests));

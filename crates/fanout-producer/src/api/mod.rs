@@ -104,6 +104,9 @@ impl ApiState {
             );
         }
         let openapi = openapi::document(producer.templates(), !api.tokens.is_empty());
+        let names = producer.templates().names();
+        fanout_metrics::METRICS
+            .zero_template_series(&names.iter().map(String::as_str).collect::<Vec<_>>());
         let ops = crate::ops::Operations::new(
             producer.queue().clone(),
             producer.store().clone(),
