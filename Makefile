@@ -3,7 +3,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 BIN := $(or $(CARGO_TARGET_DIR),target)/release/fanout
 
-.PHONY: help deps build demo test lint api-fuzz api-clients fmt clippy bench sim clean
+.PHONY: help deps build demo test soak lint api-fuzz api-clients fmt clippy bench sim clean
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -20,6 +20,9 @@ demo: build ## run a startup report and a 20-persona panel end to end on the sim
 
 test: deps ## run every test (each test starts its own redis-server)
 	$(CARGO) test --locked --workspace
+
+soak: deps ## the fault suite (tests/chaos.rs) at soak size: 500 reports under worker kills, 200 across a Redis crash
+	FANOUT_SOAK=1 $(CARGO) test --locked -p fanout-cli --test chaos -- --nocapture --test-threads 1
 
 lint: ## rustfmt check, clippy with warnings denied, cargo deny (deny.toml), and the deploy files' validators
 	$(CARGO) fmt --all --check

@@ -17,6 +17,8 @@ pub struct Cluster {
     pub sim_port: u16,
     /// `/metrics` ports of the workers, then of the aggregator.
     pub metrics_ports: Vec<u16>,
+    pub concurrency: usize,
+    pub log_dir: Option<std::path::PathBuf>,
 }
 
 /// How to start a cluster.
@@ -30,6 +32,13 @@ pub struct ClusterSpec {
     pub sim_args: Vec<String>,
     /// Extra environment for every process.
     pub env: Vec<(String, String)>,
+    /// Redis keeps an append-only file (`appendfsync everysec`): a crash and restart keeps
+    /// what was written up to about a second before.
+    pub redis_aof: bool,
+    /// Each process's logs go to `<dir>/<name>.log` instead of the test's stderr.
+    pub log_dir: Option<std::path::PathBuf>,
+    /// A Redis password (every process gets it in `REDIS_URL`).
+    pub redis_password: Option<String>,
 }
 
 impl Default for ClusterSpec {
@@ -40,25 +49,51 @@ impl Default for ClusterSpec {
             time_scale: 0.002,
             sim_args: Vec::new(),
             env: Vec::new(),
+            redis_aof: false,
+            log_dir: None,
+            redis_password: None,
         }
     }
 }
 
 impl Cluster {
     pub fn start(spec: ClusterSpec) -> Self {
-        let redis = RedisServer::start();
+        let redis = if spec.redis_aof {
+            RedisServer::start_aof()
+        } else {
+            RedisServer::start()
+        };
+        if let Some(pw) = &spec.redis_password {
+            let mut c = redis.client().get_connection().expect("redis");
+            let _: () = redis::cmd("CONFIG")
+                .arg("SET")
+                .arg("requirepass")
+                .arg(pw)
+                .query(&mut c)
+                .expect("set a redis password");
+        }
+        let redis_url = match &spec.redis_password {
+            Some(pw) => format!("redis://:{pw}@127.0.0.1:{}", redis.port()),
+            None => redis.url(),
+        };
         let sim_port = free_port();
         let listen = format!("127.0.0.1:{sim_port}");
         let scale = spec.time_scale.to_string();
         let mut sim_args = vec!["sim", "--listen", &listen, "--time-scale", &scale];
         sim_args.extend(spec.sim_args.iter().map(String::as_str));
-        let sim = FanoutProcess::start("sim", &sim_args, &[]);
+        let start = |name: &str, args: &[&str], env: &[(String, String)]| match &spec.log_dir {
+            Some(dir) => {
+                FanoutProcess::start_logged(name, args, env, &dir.join(format!("{name}.log")))
+            }
+            None => FanoutProcess::start(name, args, env),
+        };
+        let sim = start("sim", &sim_args, &[]);
         assert!(
             wait_for_port(sim_port, Duration::from_secs(20)),
             "fanout sim did not listen"
         );
         let mut env: Vec<(String, String)> = [
-            ("REDIS_URL", redis.url()),
+            ("REDIS_URL", redis_url),
             ("OPENAI_BASE_URL", format!("http://127.0.0.1:{sim_port}/v1")),
             ("OPENAI_API_KEY", "sk-system-test-key-0001".to_owned()),
             ("FANOUT_REDIS__NAMESPACE", "systest".to_owned()),
@@ -76,7 +111,7 @@ impl Cluster {
         let workers = (0..spec.workers)
             .map(|i| {
                 let metrics = addr(i);
-                FanoutProcess::start(
+                start(
                     &format!("worker-{i}"),
                     &[
                         "worker",
@@ -92,7 +127,7 @@ impl Cluster {
             })
             .collect();
         let metrics = addr(spec.workers);
-        let aggregator = FanoutProcess::start(
+        let aggregator = start(
             "aggregator",
             &["aggregator", "--metrics-addr", &metrics],
             &env,
@@ -105,7 +140,25 @@ impl Cluster {
             env,
             sim_port,
             metrics_ports,
+            concurrency: spec.concurrency,
+            log_dir: spec.log_dir.clone(),
         }
+    }
+
+    /// Start worker `i` again (after a kill), without a metrics port.
+    pub fn restart_worker(&mut self, i: usize, generation: usize) {
+        let concurrency = self.concurrency.to_string();
+        let args = ["worker", "--concurrency", &concurrency, "--grace", "5"];
+        let name = format!("worker-{i}-{generation}");
+        self.workers[i] = match &self.log_dir {
+            Some(dir) => FanoutProcess::start_logged(
+                &name,
+                &args,
+                &self.env,
+                &dir.join(format!("{name}.log")),
+            ),
+            None => FanoutProcess::start(&name, &args, &self.env),
+        };
     }
 
     /// Run `fanout <args>` with the cluster's environment: (exit code, stdout, stderr).

@@ -11,13 +11,13 @@ use fanout_producer::client::{ClientError, FanoutClient};
 /// `--api` and `--token`, shared by every command.
 #[derive(Debug, Clone, clap::Args)]
 pub(crate) struct RemoteArgs {
-    /// Talk to this Fanout API (e.g. https://fanout.example.com) instead of Redis.
-    #[arg(long, global = true, env = "FANOUT_API", value_name = "URL")]
+    /// Talk to this Fanout API (e.g. https://fanout.example.com) instead of Redis: for
+    /// submit, watch, report, reports, status, dead and webhooks (`fanout --api URL submit …`).
+    #[arg(long, env = "FANOUT_API", value_name = "URL")]
     pub(crate) api: Option<String>,
     /// Bearer token for --api (a tenant's, or an admin's for status, dead and webhooks).
     #[arg(
         long,
-        global = true,
         env = "FANOUT_TOKEN",
         value_name = "TOKEN",
         hide_env_values = true

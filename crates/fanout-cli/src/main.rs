@@ -127,6 +127,21 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let shutdown = CancellationToken::new();
     spawn_signal_handler(shutdown.clone());
     let config_path = cli.config.as_deref();
+    let remote_command = matches!(
+        cli.command,
+        Command::Submit(_)
+            | Command::Watch(_)
+            | Command::Report(_)
+            | Command::Reports(_)
+            | Command::Status(_)
+            | Command::Dead(_)
+            | Command::Webhooks(_)
+    );
+    if cli.remote.api.is_some() && !remote_command {
+        anyhow::bail!(
+            "--api (or FANOUT_API) applies to submit, watch, report, reports, status, dead and webhooks; unset it to run this command"
+        );
+    }
     match cli.command {
         Command::Sim(args) => {
             telemetry::init_from_env();

@@ -26,6 +26,9 @@ pub struct RedisServer {
     child: Option<Child>,
     /// Serve TLS only (a self-signed certificate made with the `openssl` command).
     tls: bool,
+    /// Keep an append-only file (`appendfsync everysec`, as `deploy/` runs Redis), so a
+    /// restart after [`RedisServer::kill`] loads what was written up to about a second before.
+    aof: bool,
 }
 
 impl RedisServer {
@@ -38,12 +41,31 @@ impl RedisServer {
                 dir: tempfile::tempdir().expect("temp dir for redis"),
                 child: None,
                 tls: false,
+                aof: false,
             };
             if server.spawn().is_ok() {
                 return server;
             }
         }
         panic!("could not start redis-server; is it installed? (scripts/install-deps.sh)");
+    }
+
+    /// Start a server that persists to an append-only file (`appendfsync everysec`): after
+    /// [`RedisServer::kill`] (a crash), [`RedisServer::restart`] loads it back.
+    pub fn start_aof() -> Self {
+        for _ in 0..5 {
+            let mut server = Self {
+                port: free_port(),
+                dir: tempfile::tempdir().expect("temp dir for redis"),
+                child: None,
+                tls: false,
+                aof: true,
+            };
+            if server.spawn().is_ok() {
+                return server;
+            }
+        }
+        panic!("could not start redis-server with an append-only file");
     }
 
     /// Start a server that speaks TLS only, with a fresh self-signed certificate; connect with
@@ -54,6 +76,7 @@ impl RedisServer {
             dir: tempfile::tempdir().expect("temp dir for redis"),
             child: None,
             tls: true,
+            aof: false,
         };
         let status = Command::new("openssl")
             .args([
@@ -100,7 +123,12 @@ impl RedisServer {
         let child = Command::new(redis_server_path())
             .args(listen)
             .current_dir(self.dir.path())
-            .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .args(["--bind", "127.0.0.1", "--save", ""])
+            .args(if self.aof {
+                ["--appendonly", "yes", "--appendfsync", "everysec"]
+            } else {
+                ["--appendonly", "no", "--appendfsync", "everysec"]
+            })
             .args(["--dir", &self.dir.path().display().to_string()])
             .args(["--loglevel", "warning"])
             .stdout(Stdio::null())
@@ -171,7 +199,8 @@ impl RedisServer {
         }
     }
 
-    /// Start the server again on the same port (with empty data, like a restarted cache).
+    /// Start the server again on the same port: with empty data, like a restarted cache, or
+    /// with what its append-only file holds ([`RedisServer::start_aof`]).
     pub fn restart(&mut self) {
         self.stop();
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -280,6 +309,29 @@ impl FanoutProcess {
         let child = fanout_command(args, env)
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap_or_else(|e| panic!("start fanout {name}: {e}"));
+        Self {
+            child: Some(child),
+            name: name.to_owned(),
+        }
+    }
+
+    /// Like [`FanoutProcess::start`], with stderr (the logs) appended to `log`.
+    pub fn start_logged(
+        name: &str,
+        args: &[&str],
+        env: &[(String, String)],
+        log: &std::path::Path,
+    ) -> Self {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .unwrap_or_else(|e| panic!("log file {}: {e}", log.display()));
+        let child = fanout_command(args, env)
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(file))
             .spawn()
             .unwrap_or_else(|e| panic!("start fanout {name}: {e}"));
         Self {
