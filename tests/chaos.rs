@@ -335,6 +335,171 @@ fn provider_faults_end_in_completed_or_marked_sections_within_the_attempt_bound(
     );
 }
 
+/// A webhook receiver on loopback: answers 200 to every POST and counts them per report.
+fn receiver() -> (
+    u16,
+    std::sync::Arc<std::sync::Mutex<HashMap<String, usize>>>,
+) {
+    use std::io::{BufRead, BufReader, Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(HashMap::new()));
+    let counts = seen.clone();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { continue };
+            let counts = counts.clone();
+            std::thread::spawn(move || {
+                let mut reader = BufReader::new(conn.try_clone().unwrap());
+                let (mut id, mut len) = (String::new(), 0usize);
+                loop {
+                    let mut line = String::new();
+                    if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                        return;
+                    }
+                    let l = line.trim_end().to_ascii_lowercase();
+                    if l.is_empty() {
+                        break;
+                    }
+                    if let Some(v) = l.strip_prefix("x-fanout-report-id:") {
+                        id = v.trim().to_owned();
+                    }
+                    if let Some(v) = l.strip_prefix("content-length:") {
+                        len = v.trim().parse().unwrap_or(0);
+                    }
+                }
+                let mut body = vec![0; len];
+                let _ = reader.read_exact(&mut body);
+                *counts.lock().unwrap().entry(id).or_insert(0) += 1;
+                let _ = conn.write_all(
+                    b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n",
+                );
+            });
+        }
+    });
+    (port, seen)
+}
+
+#[test]
+fn aggregator_and_api_killed_mid_run_lose_no_submit_report_or_webhook() {
+    let reports = if soak() { 200 } else { 20 };
+    fanout_test_support::use_fanout_bin(env!("CARGO_BIN_EXE_fanout"));
+    let mut env = env();
+    env.push(("FANOUT_WEBHOOKS__ALLOW_HOSTS".into(), "127.0.0.0/8".into()));
+    let mut cluster = Cluster::start(ClusterSpec {
+        workers: 2,
+        concurrency: 8,
+        time_scale: 0.02,
+        sim_args: sim_args(),
+        env,
+        ..ClusterSpec::default()
+    });
+    let (hook_port, hooks) = receiver();
+    let api_port = free_port();
+    let listen = format!("127.0.0.1:{api_port}");
+    let start_api = |env: &[(String, String)]| {
+        let p = FanoutProcess::start("api", &["api", "--listen", &listen], env);
+        assert!(
+            wait_for_port(api_port, Duration::from_secs(20)),
+            "api did not listen"
+        );
+        p
+    };
+    let mut api_process = start_api(&cluster.env);
+    let api = format!("http://{listen}");
+    let callback = format!("http://127.0.0.1:{hook_port}/hook");
+    let mut ids: HashMap<String, String> = HashMap::new();
+    let mut retries = 0;
+    let mut api_kills = 0;
+    let mut aggregator_kills = 0;
+    for i in 0..reports {
+        // Every fifth submit, the API dies (and comes back); every seventh, the aggregator.
+        if i % 5 == 2 {
+            api_process.kill();
+            api_kills += 1;
+        }
+        if i % 7 == 3 {
+            cluster.aggregator.kill();
+            aggregator_kills += 1;
+            cluster.aggregator = FanoutProcess::start("aggregator", &["aggregator"], &cluster.env);
+        }
+        let key = format!("order-{i}");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        // The client retries with its idempotency key until it gets an answer.
+        let id = loop {
+            let (code, out, _) = run_fanout(
+                &[
+                    "--api",
+                    &api,
+                    "--token",
+                    ADMIN,
+                    "submit",
+                    "--template",
+                    "startup-report",
+                    "--input",
+                    STARTUP,
+                    "--idempotency-key",
+                    &key,
+                    "--callback-url",
+                    &callback,
+                ],
+                &[],
+            );
+            if code == 0 {
+                break out.lines().next().unwrap().trim().to_owned();
+            }
+            retries += 1;
+            assert!(Instant::now() < deadline, "submit {i} never accepted");
+            if !api_process.is_running() {
+                api_process = start_api(&cluster.env);
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        };
+        ids.insert(key, id);
+    }
+    let list: Vec<String> = ids.values().cloned().collect();
+    let statuses = wait_all(&cluster, &list, Duration::from_secs(180));
+    assert!(statuses.values().all(|s| s == "completed"), "{statuses:?}");
+    // No submit doubled: one report per key, and the tenant lists exactly those.
+    let mut unique = list.clone();
+    unique.sort();
+    unique.dedup();
+    assert_eq!(unique.len(), reports);
+    let (code, out, err) = run_fanout(
+        &[
+            "--api", &api, "--token", ADMIN, "reports", "--tenant", "ops", "-n", "100",
+        ],
+        &[],
+    );
+    assert_eq!(code, 0, "{err}");
+    let listed = out
+        .lines()
+        .filter(|l| list.iter().any(|id| l.starts_with(id)))
+        .count();
+    assert_eq!(listed, reports.min(100), "{out}");
+    // Every report assembled (its document is there) and its webhook delivered at least once.
+    for id in &list {
+        let (code, md, err) = cluster.fanout(&["report", id]);
+        assert_eq!(code, 0, "{err}");
+        assert!(md.contains("Startup idea report"), "{id}");
+    }
+    assert!(
+        wait_until(Duration::from_secs(60), || {
+            let seen = hooks.lock().unwrap();
+            list.iter()
+                .all(|id| seen.get(id).copied().unwrap_or(0) >= 1)
+        }),
+        "webhooks delivered: {} of {reports}",
+        hooks.lock().unwrap().len()
+    );
+    let deliveries: usize = hooks.lock().unwrap().values().sum();
+    eprintln!(
+        "chaos: api and aggregator crashes: {reports} reports, {api_kills} API SIGKILLs, \
+         {aggregator_kills} aggregator SIGKILLs, {retries} client retries, 0 lost, 0 doubled, \
+         {deliveries} webhook deliveries for {reports} reports"
+    );
+}
+
 #[test]
 fn secrets_never_reach_logs_metrics_error_bodies_or_redis() {
     const KEY: &str = "sk-canary-provider-key-7f3a9c";
