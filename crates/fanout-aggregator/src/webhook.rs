@@ -360,6 +360,15 @@ impl Webhooks {
             .await?)
     }
 
+    /// How many webhooks have been given up on (and not redelivered or dropped).
+    pub async fn dead_count(&self) -> Result<u64, WebhookError> {
+        let mut conn = self.inner.pool.get().await?;
+        Ok(redis::cmd("XLEN")
+            .arg(self.inner.keys.webhooks_dead())
+            .query_async(&mut conn)
+            .await?)
+    }
+
     /// The most recent webhooks given up on, newest first.
     pub async fn dead(&self, count: usize) -> Result<Vec<DeadWebhook>, WebhookError> {
         let mut conn = self.inner.pool.get().await?;

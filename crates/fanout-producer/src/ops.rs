@@ -5,6 +5,7 @@
 //! Every change an operator makes is logged at INFO on the `fanout::audit` target, naming who
 //! made it (the caller's tenant, or `cli@<user>`), what, and on which report.
 
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use fanout_aggregator::webhook::{WebhookError, Webhooks};
@@ -229,6 +230,8 @@ pub struct Operations {
     namespace: String,
     budget_config: fanout_core::config::BudgetConfig,
     default_model: String,
+    /// The last discovery of budgets in use, and when.
+    in_use: Arc<Mutex<Option<Discovered>>>,
 }
 
 impl std::fmt::Debug for Operations {
@@ -267,6 +270,7 @@ impl Operations {
             namespace: config.redis.namespace.clone(),
             budget_config: config.budget.clone(),
             default_model: config.provider.default_model.clone(),
+            in_use: Default::default(),
         })
     }
 
@@ -289,7 +293,7 @@ impl Operations {
         let workers = self.queue.workers().await?;
         // The budgets the workers use, whether or not this process has their keys configured
         // (an API process usually has none).
-        let in_use = self.budget.in_use().await?;
+        let in_use = self.budgets_in_use().await?;
         let mut names: Vec<String> = self.key_names.clone();
         for (key, _) in &in_use {
             if !names.contains(key) {
@@ -331,7 +335,7 @@ impl Operations {
             .collect();
         let webhooks = WebhookOutbox {
             pending: self.webhooks.pending().await?,
-            dead: self.webhooks.dead(DEAD_LETTERS_MAX).await?.len() as u64,
+            dead: self.webhooks.dead_count().await?,
         };
         let warnings = no_worker_warning(&lanes, workers.len())
             .into_iter()
@@ -343,6 +347,22 @@ impl Operations {
             webhooks,
             warnings,
         })
+    }
+
+    /// The (key, family) budgets in Redis: a SCAN over the keyspace, so done at most every
+    /// [`BUDGETS_FRESH`] however often the status is read (the operations page polls it). An
+    /// empty answer is not kept: the first budget appears with the first provider call.
+    async fn budgets_in_use(&self) -> Result<Vec<(String, String)>, OpsError> {
+        if let Some((at, pairs)) = self.in_use.lock().expect("in_use").as_ref()
+            && at.elapsed() < BUDGETS_FRESH
+        {
+            return Ok(pairs.clone());
+        }
+        let pairs = self.budget.in_use().await?;
+        if !pairs.is_empty() {
+            *self.in_use.lock().expect("in_use") = Some((std::time::Instant::now(), pairs.clone()));
+        }
+        Ok(pairs)
     }
 
     /// A warning when work is queued and no worker is alive to run it (cheap: for every
@@ -681,6 +701,12 @@ fn no_worker_warning(lanes: &[LaneStatus], workers: usize) -> Option<String> {
         )
     })
 }
+
+/// When the budgets in use were last looked for, and what was found: (key, family) pairs.
+type Discovered = (std::time::Instant, Vec<(String, String)>);
+
+/// How long a discovery of the budgets in use is reused.
+const BUDGETS_FRESH: Duration = Duration::from_secs(30);
 
 /// How often the API process refreshes the gauges of [`Operations::export_gauges`].
 pub const GAUGES_EVERY: Duration = Duration::from_secs(5);
