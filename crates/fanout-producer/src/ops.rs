@@ -275,21 +275,7 @@ impl Operations {
     }
 
     pub async fn status(&self) -> Result<SystemStatus, OpsError> {
-        let lanes: Vec<LaneStatus> = self
-            .queue
-            .depth()
-            .await?
-            .into_iter()
-            .map(|l| LaneStatus {
-                lane: l.lane.as_str().to_owned(),
-                ready: l.ready,
-                in_flight: l.pending,
-                delayed: l.delayed,
-                dead: l.dead,
-                lag: l.lag,
-                oldest_ready_ms: l.oldest_ready_age.map(|a| a.as_millis() as u64),
-            })
-            .collect();
+        let lanes = self.lanes().await?;
         let workers = self.queue.workers().await?;
         // The budgets the workers use, whether or not this process has their keys configured
         // (an API process usually has none).
@@ -371,7 +357,11 @@ impl Operations {
         if self.queue.workers_alive().await? > 0 {
             return Ok(None);
         }
-        let lanes: Vec<LaneStatus> = self
+        Ok(no_worker_warning(&self.lanes().await?, 0))
+    }
+
+    async fn lanes(&self) -> Result<Vec<LaneStatus>, OpsError> {
+        Ok(self
             .queue
             .depth()
             .await?
@@ -381,12 +371,11 @@ impl Operations {
                 ready: l.ready,
                 in_flight: l.pending,
                 delayed: l.delayed,
-                dead: 0,
-                lag: None,
-                oldest_ready_ms: None,
+                dead: l.dead,
+                lag: l.lag,
+                oldest_ready_ms: l.oldest_ready_age.map(|a| a.as_millis() as u64),
             })
-            .collect();
-        Ok(no_worker_warning(&lanes, 0))
+            .collect())
     }
 
     /// Set the gauges an alert needs even when no worker runs: queue depth and workers alive.

@@ -34,6 +34,16 @@ pub struct RedisServer {
 impl RedisServer {
     /// Start a fresh server on a free port and wait until it answers PING.
     pub fn start() -> Self {
+        Self::start_with(false)
+    }
+
+    /// Start a server that persists to an append-only file (`appendfsync everysec`): after
+    /// [`RedisServer::kill`] (a crash), [`RedisServer::restart`] loads it back.
+    pub fn start_aof() -> Self {
+        Self::start_with(true)
+    }
+
+    fn start_with(aof: bool) -> Self {
         // A port can be taken between probing and binding; try a few.
         for _ in 0..5 {
             let mut server = Self {
@@ -41,31 +51,13 @@ impl RedisServer {
                 dir: tempfile::tempdir().expect("temp dir for redis"),
                 child: None,
                 tls: false,
-                aof: false,
+                aof,
             };
             if server.spawn().is_ok() {
                 return server;
             }
         }
         panic!("could not start redis-server; is it installed? (scripts/install-deps.sh)");
-    }
-
-    /// Start a server that persists to an append-only file (`appendfsync everysec`): after
-    /// [`RedisServer::kill`] (a crash), [`RedisServer::restart`] loads it back.
-    pub fn start_aof() -> Self {
-        for _ in 0..5 {
-            let mut server = Self {
-                port: free_port(),
-                dir: tempfile::tempdir().expect("temp dir for redis"),
-                child: None,
-                tls: false,
-                aof: true,
-            };
-            if server.spawn().is_ok() {
-                return server;
-            }
-        }
-        panic!("could not start redis-server with an append-only file");
     }
 
     /// Start a server that speaks TLS only, with a fresh self-signed certificate; connect with
