@@ -21,6 +21,7 @@
 -- ARGV[9]  idle ms after which a consumer with nothing pending is removed
 -- ARGV[10] when nothing was claimed, return the id to block on (0/1)
 -- ARGV[11] with ARGV[5]: also remove dead consumers (0/1)
+-- ARGV[12] take over the jobs of workers whose liveness beat lapsed (0/1)
 --
 -- Returns {entries, next_due, block, dead}:
 --   entries  = { {stream, entry id, deliveries, {field, value, ...}}, ... }
@@ -136,7 +137,10 @@ end
 
 -- 2a. Workers that stopped beating (killed, or left with jobs unfinished): take over their jobs
 -- now rather than after the visibility timeout, and forget them once they hold nothing.
-local lapsed = redis.call('ZRANGEBYSCORE', KEYS[9], '-inf', '(' .. clock(), 'LIMIT', 0, 4)
+local lapsed = {}
+if ARGV[12] == '1' then
+  lapsed = redis.call('ZRANGEBYSCORE', KEYS[9], '-inf', '(' .. clock(), 'LIMIT', 0, 4)
+end
 for _, w in ipairs(lapsed) do
   if w ~= consumer then
     local holds = false

@@ -38,6 +38,10 @@ pub const DEFAULT_IDEMPOTENCY_TTL: Duration = Duration::from_secs(24 * 3600);
 /// claimer (an idle one is woken by the wake stream).
 const PROMOTE_EVERY: Duration = Duration::from_millis(250);
 
+/// Lapsed workers (whose jobs are taken over) are looked for at least this often by a busy
+/// claimer; an idle one is woken by the `lapsed` wake entry a live worker's beat adds.
+const LAPSED_EVERY: Duration = Duration::from_millis(500);
+
 /// Dead consumers are looked for on every this many reclaim passes (one XINFO per stream).
 const CLEANUP_EVERY_RECLAIMS: u64 = 10;
 
@@ -66,6 +70,7 @@ struct ClaimState {
     /// Earliest due time (Redis clock, ms) of a delayed job, as last seen.
     next_due_ms: Option<u64>,
     last_promote: Option<Instant>,
+    last_lapsed: Option<Instant>,
     last_reclaim: Option<Instant>,
     reclaim_passes: u64,
 }
@@ -319,7 +324,7 @@ impl Queue {
     ) -> Result<Claimed> {
         let cfg = &self.inner.config;
         let keys = &self.inner.keys;
-        let (promote, reclaim, cleanup) = {
+        let (promote, reclaim, cleanup, lapsed) = {
             let mut st = self.inner.state.lock().unwrap();
             let now_ms = system_time_ms(SystemTime::now());
             let promote = force_promote
@@ -331,13 +336,18 @@ impl Queue {
             if promote {
                 st.last_promote = Some(Instant::now());
             }
+            let lapsed =
+                force_promote || st.last_lapsed.is_none_or(|t| t.elapsed() >= LAPSED_EVERY);
+            if lapsed {
+                st.last_lapsed = Some(Instant::now());
+            }
             let mut cleanup = false;
             if reclaim {
                 st.last_reclaim = Some(Instant::now());
                 cleanup = st.reclaim_passes % CLEANUP_EVERY_RECLAIMS == 0;
                 st.reclaim_passes += 1;
             }
-            (promote, reclaim, cleanup)
+            (promote, reclaim, cleanup, lapsed)
         };
         let visibility_ms = cfg.visibility_timeout_secs * 1000;
         let mut inv = CLAIM.prepare_invoke();
@@ -361,7 +371,8 @@ impl Queue {
             .arg(cfg.dead_letter_max)
             .arg(visibility_ms * DEAD_CONSUMER_TIMEOUTS)
             .arg(u8::from(want_block))
-            .arg(u8::from(cleanup));
+            .arg(u8::from(cleanup))
+            .arg(u8::from(lapsed));
         let reply: Value = {
             let mut conn = self.conn().await?;
             inv.invoke_async(&mut conn)
@@ -507,7 +518,8 @@ impl Queue {
 
     /// Block until a stream in `block_on` gets an entry past the given id, or `timeout` passes.
     /// Nothing is consumed: the caller runs the claim script next. Returns whether delayed jobs
-    /// should be looked at (woken by the wake stream, or timed out) rather than only new jobs.
+    /// and lapsed workers should be looked at (a wake entry says `due` or `lapsed`, or the wait
+    /// timed out) rather than only new jobs.
     pub(crate) async fn wait_for_work(
         &self,
         waiter: &mut Option<MultiplexedConnection>,
@@ -1173,7 +1185,9 @@ fn wake_mentions_due(v: Value) -> bool {
                     .and_then(|p| p.into_iter().nth(1))
                     .and_then(|f| array(f, "xread fields").ok())
                     .unwrap_or_default();
-                fields.first().is_some_and(|f| lossy(f) == "due")
+                fields
+                    .first()
+                    .is_some_and(|f| matches!(lossy(f).as_str(), "due" | "lapsed"))
             })
     })
 }

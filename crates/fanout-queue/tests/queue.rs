@@ -564,8 +564,14 @@ async fn a_worker_that_stops_beating_loses_its_jobs_when_its_ttl_lapses() {
     assert_eq!(registered, vec![cb.as_str().to_owned()]);
     q.leave(&info(&cb, 10_000)).await.unwrap();
     assert!(q.workers().await.unwrap().is_empty());
+    // (A claimer looks for lapsed workers every 500 ms, or at once when a wake entry says one
+    // lapsed, as `leave` adds.)
     let cc = ConsumerId::unique("c");
-    let dc = q.claim(&cc, 1, NO_BLOCK).await.unwrap().remove(0);
+    let dc = q
+        .claim(&cc, 1, Duration::from_secs(2))
+        .await
+        .unwrap()
+        .remove(0);
     assert_eq!((dc.job_id.as_str(), dc.deliveries), ("j", 3));
 }
 
@@ -643,7 +649,8 @@ async fn a_silent_workers_jobs_past_their_delivery_limit_are_dead_lettered_witho
     };
     q.beat(&info).await.unwrap();
     assert_eq!(q.claim(&ca, 3, NO_BLOCK).await.unwrap().len(), 3);
-    tokio::time::sleep(Duration::from_millis(400)).await;
+    // Past the TTL, and past the 500 ms between two looks for lapsed workers.
+    tokio::time::sleep(Duration::from_millis(600)).await;
     // One free slot, three jobs that killed their worker once: all three go to the dead letter
     // in this one claim, none runs.
     assert!(q.claim(&cb, 1, NO_BLOCK).await.unwrap().is_empty());
