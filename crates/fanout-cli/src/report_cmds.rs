@@ -228,7 +228,9 @@ pub(crate) async fn watch_view(
         bars.update(&view);
         if view.status.is_terminal() {
             bars.finish(&view);
-            if !std::io::stdout().is_terminal() || !progress {
+            // `watch` piped: the final state as lines on stdout. `submit --wait` keeps stdout
+            // for the report id (`ID=$(fanout submit --wait …)`).
+            if progress && !std::io::stdout().is_terminal() {
                 print_final(&view);
             }
             return Ok(view);

@@ -229,14 +229,16 @@ pub(crate) async fn dead(backend: &Backend, command: DeadCommand) -> anyhow::Res
             Ok(ExitCode::SUCCESS)
         }
         DeadCommand::Replay(select) => {
+            let explicit = !select.ids.is_empty();
             let sel = select.selection();
             let results = match backend {
                 Backend::Local(local) => local.ops()?.replay(&sel, &local_actor()).await?,
                 Backend::Remote(client) => client.replay(&sel).await.map_err(remote_error)?,
             };
-            Ok(print_resolutions(&results))
+            Ok(print_resolutions(&results, explicit))
         }
         DeadCommand::Drop(select) => {
+            let explicit = !select.ids.is_empty();
             let sel = select.selection();
             let results = match backend {
                 Backend::Local(local) => {
@@ -246,7 +248,7 @@ pub(crate) async fn dead(backend: &Backend, command: DeadCommand) -> anyhow::Res
                     client.drop_dead_letters(&sel).await.map_err(remote_error)?
                 }
             };
-            Ok(print_resolutions(&results))
+            Ok(print_resolutions(&results, explicit))
         }
     }
 }
@@ -320,7 +322,7 @@ pub(crate) async fn webhooks(
                     .await
                     .map_err(remote_error)?,
             };
-            Ok(print_resolutions(&results))
+            Ok(print_resolutions(&results, !all_dead))
         }
         WebhooksCommand::Drop { reports, all_dead } => {
             let results = match backend {
@@ -338,13 +340,14 @@ pub(crate) async fn webhooks(
                     .await
                     .map_err(remote_error)?,
             };
-            Ok(print_resolutions(&results))
+            Ok(print_resolutions(&results, !all_dead))
         }
     }
 }
 
-/// One line per item; exit 1 when an item named explicitly was not acted on.
-fn print_resolutions(results: &[Resolution]) -> ExitCode {
+/// One line per item; with `explicit` (the items were named), exit 1 when one was not acted
+/// on. A selection (`--all`, `--report`) reports what it skipped and succeeds.
+fn print_resolutions(results: &[Resolution], explicit: bool) -> ExitCode {
     if results.is_empty() {
         println!("nothing selected");
     }
@@ -368,7 +371,7 @@ fn print_resolutions(results: &[Resolution]) -> ExitCode {
             None => println!("{}: {what}", r.id),
         }
     }
-    if failed {
+    if failed && explicit {
         ExitCode::FAILURE
     } else {
         ExitCode::SUCCESS

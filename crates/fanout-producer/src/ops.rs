@@ -449,6 +449,13 @@ impl Operations {
                 }
             }
         }
+        // Oldest first: a section dead-lettered before its dependents is reopened before them,
+        // so a dependent that runs without a failed input is not released while that input is
+        // about to run again.
+        out.sort_by_key(|r| match r {
+            Resolved::Found(d) => (0, d.dead_at_ms, d.entry_id.clone()),
+            Resolved::Missing(_) => (1, 0, String::new()),
+        });
         Ok(out)
     }
 

@@ -23,6 +23,8 @@ use tokio_util::task::TaskTracker;
 const ACME: &str = "token-acme-0000000001";
 const GLOBEX: &str = "token-globex-00000001";
 const TOKENS: &str = "token-acme-0000000001=acme,token-globex-00000001=globex";
+/// An admin token (add `{OPS}=ops:admin` to TOKENS where a test needs one).
+const OPS: &str = "token-ops-00000000001";
 
 /// What a test runs.
 struct Options {
@@ -1278,7 +1280,10 @@ async fn a_webhook_outlives_its_deliverer_and_a_refused_one_is_kept_with_its_rea
 
     let s = Stack::start(Options {
         pipeline: pipeline(),
-        env: vec![("FANOUT_WEBHOOKS__ALLOW_HOSTS", "127.0.0.0/8".into())],
+        env: vec![
+            ("FANOUT_WEBHOOKS__ALLOW_HOSTS", "127.0.0.0/8".into()),
+            ("FANOUT_API_TOKENS", format!("{TOKENS},{OPS}=ops:admin")),
+        ],
         ..Options::default()
     })
     .await?;
@@ -1297,7 +1302,7 @@ async fn a_webhook_outlives_its_deliverer_and_a_refused_one_is_kept_with_its_rea
         .call(
             reqwest::Method::POST,
             "/v1/reports",
-            None,
+            Some(OPS),
             Some(&submit("/slow")),
         )
         .await?;
@@ -1305,7 +1310,7 @@ async fn a_webhook_outlives_its_deliverer_and_a_refused_one_is_kept_with_its_rea
         .call(
             reqwest::Method::POST,
             "/v1/reports",
-            None,
+            Some(OPS),
             Some(&submit("/gone")),
         )
         .await?;
@@ -1351,7 +1356,9 @@ async fn a_webhook_outlives_its_deliverer_and_a_refused_one_is_kept_with_its_rea
     let view = |id: &str| {
         let path = format!("/v1/reports/{id}");
         async move {
-            let (_, _, v) = stack.call(reqwest::Method::GET, &path, None, None).await?;
+            let (_, _, v) = stack
+                .call(reqwest::Method::GET, &path, Some(OPS), None)
+                .await?;
             anyhow::Ok(v)
         }
     };
@@ -1366,7 +1373,7 @@ async fn a_webhook_outlives_its_deliverer_and_a_refused_one_is_kept_with_its_rea
 
     // An operator sees it over HTTP too.
     let (status, _, listed) = s
-        .call(reqwest::Method::GET, "/v1/webhooks/dead", None, None)
+        .call(reqwest::Method::GET, "/v1/webhooks/dead", Some(OPS), None)
         .await?;
     assert_eq!(status, StatusCode::OK, "{listed}");
     assert_eq!(listed["webhooks"][0]["report_id"], gone, "{listed}");
@@ -1377,7 +1384,7 @@ async fn a_webhook_outlives_its_deliverer_and_a_refused_one_is_kept_with_its_rea
         .call(
             reqwest::Method::POST,
             "/v1/webhooks/redeliver",
-            None,
+            Some(OPS),
             Some(&json!({"report_ids": [gone, "no-such-report"]})),
         )
         .await?;
@@ -1733,7 +1740,6 @@ async fn reports_are_listed_per_tenant_newest_first_with_filters_and_pages() -> 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn operator_routes_need_an_admin_token_and_name_what_is_wrong() -> Result<()> {
-    const OPS: &str = "token-ops-00000000001";
     let s = Stack::start(Options {
         env: vec![("FANOUT_API_TOKENS", format!("{TOKENS},{OPS}=ops:admin"))],
         ..Options::default()

@@ -11,6 +11,7 @@
 -- KEYS[8]  dead         STREAM batch lane
 -- KEYS[9]  workers      ZSET  consumer -> ms after which its worker counts as gone (beat.lua)
 -- KEYS[10] worker-info  HASH  consumer -> JSON
+-- KEYS[11] last-beat    STRING when any worker last beat (beat.lua)
 -- Stream keys are read from the registry (they share the hash tag of KEYS[1]).
 --
 -- ARGV[1]  group            ARGV[2]  consumer        ARGV[3]  max (>= 1)
@@ -137,9 +138,14 @@ end
 
 -- 2a. Workers that stopped beating (killed, or left with jobs unfinished): take over their jobs
 -- now rather than after the visibility timeout, and forget them once they hold nothing.
+-- A worker counts as gone only when another one has beaten since its deadline: that proves
+-- the registry is being kept and it missed its beats. Right after Redis comes back (nobody has
+-- beaten yet) nothing is taken over; the first beat then gives everyone a TTL (beat.lua).
 local lapsed = {}
 if ARGV[12] == '1' then
-  lapsed = redis.call('ZRANGEBYSCORE', KEYS[9], '-inf', '(' .. clock(), 'LIMIT', 0, 4)
+  local last_beat = tonumber(redis.call('GET', KEYS[11]) or '0')
+  local cutoff = math.min(clock(), last_beat)
+  lapsed = redis.call('ZRANGEBYSCORE', KEYS[9], '-inf', '(' .. cutoff, 'LIMIT', 0, 8)
 end
 for _, w in ipairs(lapsed) do
   if w ~= consumer then

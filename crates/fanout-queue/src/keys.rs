@@ -68,6 +68,12 @@ impl Keys {
         format!("{}:workers", self.prefix)
     }
 
+    /// STRING: when any worker process last beat (ms, Redis clock): tells a worker that missed
+    /// its beats from Redis having been away.
+    pub(crate) fn last_beat(&self) -> String {
+        format!("{}:workers-last-beat", self.prefix)
+    }
+
     /// HASH consumer name → what its worker process says about itself (JSON, see
     /// [`crate::WorkerInfo`]).
     pub(crate) fn worker_info(&self) -> String {

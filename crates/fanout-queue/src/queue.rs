@@ -360,7 +360,8 @@ impl Queue {
             .key(keys.dead(Lane::Interactive))
             .key(keys.dead(Lane::Batch))
             .key(keys.workers())
-            .key(keys.worker_info());
+            .key(keys.worker_info())
+            .key(keys.last_beat());
         inv.arg(GROUP)
             .arg(consumer.as_str())
             .arg(max)

@@ -63,6 +63,7 @@ impl Queue {
         inv.key(keys.workers())
             .key(keys.worker_info())
             .key(keys.wake())
+            .key(keys.last_beat())
             .arg(&info.id)
             .arg(ttl_ms)
             .arg(json);

@@ -531,6 +531,8 @@ async fn a_worker_that_stops_beating_loses_its_jobs_when_its_ttl_lapses() {
     // takes its job, long before the visibility timeout.
     let t = Instant::now();
     let db = loop {
+        // b keeps beating: a worker counts as gone once another has beaten past its deadline.
+        q.beat(&info(&cb, 10_000)).await.unwrap();
         let got = q.claim(&cb, 1, Duration::from_millis(100)).await.unwrap();
         if let Some(d) = got.into_iter().next() {
             break d;
@@ -649,8 +651,15 @@ async fn a_silent_workers_jobs_past_their_delivery_limit_are_dead_lettered_witho
     };
     q.beat(&info).await.unwrap();
     assert_eq!(q.claim(&ca, 3, NO_BLOCK).await.unwrap().len(), 3);
-    // Past the TTL, and past the 500 ms between two looks for lapsed workers.
+    // Past the TTL, and past the 500 ms between two looks for lapsed workers; b beats.
     tokio::time::sleep(Duration::from_millis(600)).await;
+    q.beat(&WorkerInfo {
+        id: cb.as_str().to_owned(),
+        ttl_ms: 10_000,
+        ..info.clone()
+    })
+    .await
+    .unwrap();
     // One free slot, three jobs that killed their worker once: all three go to the dead letter
     // in this one claim, none runs.
     assert!(q.claim(&cb, 1, NO_BLOCK).await.unwrap().is_empty());
@@ -660,4 +669,35 @@ async fn a_silent_workers_jobs_past_their_delivery_limit_are_dead_lettered_witho
         dead.iter()
             .all(|d| d.reason == "delivery limit: worker died 1 times")
     );
+}
+
+#[tokio::test]
+async fn after_redis_was_away_longer_than_a_ttl_no_live_worker_loses_its_jobs() {
+    let s = setup(&[("FANOUT_QUEUE__VISIBILITY_TIMEOUT_SECS", "30")]);
+    let q = &s.queue;
+    q.enqueue(job("j")).await.unwrap();
+    let (ca, cb) = (ConsumerId::unique("a"), ConsumerId::unique("b"));
+    let info = |c: &ConsumerId| WorkerInfo {
+        id: c.as_str().to_owned(),
+        host: "h".into(),
+        pid: 1,
+        version: "v".into(),
+        started_at_ms: 1,
+        concurrency: 1,
+        in_flight: 0,
+        ttl_ms: 400,
+        last_seen_ms: 0,
+    };
+    q.beat(&info(&ca)).await.unwrap();
+    q.beat(&info(&cb)).await.unwrap();
+    let da = q.claim(&ca, 1, NO_BLOCK).await.unwrap().remove(0);
+    // Nobody can beat for longer than the TTL (as when Redis is down or restarting).
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    // b comes back first and claims: a has not beaten yet, but it is not gone.
+    assert!(q.claim(&cb, 1, NO_BLOCK).await.unwrap().is_empty());
+    q.beat(&info(&cb)).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(550)).await;
+    q.beat(&info(&ca)).await.unwrap();
+    assert!(q.claim(&cb, 1, NO_BLOCK).await.unwrap().is_empty());
+    assert!(q.extend(&da).await.unwrap(), "a still holds its job");
 }

@@ -28,7 +28,7 @@ impl Tenant {
     }
 }
 
-/// A caller with an admin token (or any caller of an open API): the operator routes.
+/// A caller with an admin token: the operator routes (refused on an API without tokens).
 #[derive(Debug, Clone)]
 pub(crate) struct Admin(pub(crate) Tenant);
 
@@ -93,8 +93,8 @@ impl FromRequestParts<ApiState> for Tenant {
     ) -> Result<Self, Self::Rejection> {
         let tokens = state.tokens();
         if tokens.is_open() {
-            // An open API (no tokens: local use) has nobody to tell apart.
-            return Ok(Tenant(OPEN_TENANT.to_owned(), Role::Admin));
+            // An open API (no tokens: local use) has nobody to tell apart, and no operator.
+            return Ok(Tenant(OPEN_TENANT.to_owned(), Role::Tenant));
         }
         let Some(value) = parts.headers.get(header::AUTHORIZATION) else {
             return Err(ApiError::unauthorized(
@@ -126,6 +126,12 @@ impl FromRequestParts<ApiState> for Admin {
         parts: &mut Parts,
         state: &ApiState,
     ) -> Result<Self, Self::Rejection> {
+        if state.tokens().is_open() {
+            // Anyone who reaches the port could replay, drop or read what operators see.
+            return Err(ApiError::forbidden(
+                "the API runs without tokens: operator routes need an admin token in FANOUT_API_TOKENS (`token=tenant:admin`); or use the CLI where Redis is reachable",
+            ));
+        }
         let caller = Tenant::from_request_parts(parts, state).await?;
         if caller.is_admin() {
             Ok(Admin(caller))

@@ -298,6 +298,17 @@ pub(crate) async fn cancel(
         .await?
         .unwrap_or(ReportStatus::Cancelled);
     tracing::info!(report = %id, tenant = %tenant.0, "report cancelled by request");
+    if view.tenant != tenant.0 {
+        // An admin acted on another tenant's report.
+        tracing::info!(
+            target: "fanout::audit",
+            actor = %format!("tenant:{}", tenant.0),
+            action = "report.cancel",
+            report = %id,
+            owner = %view.tenant,
+            "operator action"
+        );
+    }
     Ok((
         StatusCode::ACCEPTED,
         Json(ReportRef {

@@ -153,6 +153,19 @@ impl Follow {
             match self.phase {
                 Phase::Done => return None,
                 Phase::Finishing => {
+                    // An operator reopened the report after that `report.finished` (a replayed
+                    // section): more events follow, and the report finishes again later.
+                    match self.reopened().await {
+                        Ok(true) => {
+                            self.phase = Phase::Live;
+                            continue;
+                        }
+                        Ok(false) => {}
+                        Err(e) => {
+                            self.phase = Phase::Done;
+                            return Some(error_event(e));
+                        }
+                    }
                     self.phase = Phase::Done;
                     return Some(match self.store.document(&self.id, Format::Json).await {
                         Ok(Some(doc)) => Event::default().event(REPORT_EVENT).data(doc),
@@ -168,6 +181,23 @@ impl Follow {
                 }
             }
         }
+    }
+
+    /// Whether the report went on after the `report.finished` just sent: events follow it, or
+    /// it is running again.
+    async fn reopened(&self) -> Result<bool, ApiError> {
+        let more = self
+            .store
+            .events(&self.id, self.after.as_deref(), None, 1)
+            .await?;
+        if !more.is_empty() {
+            return Ok(true);
+        }
+        Ok(self
+            .store
+            .status(&self.id)
+            .await?
+            .is_some_and(|s| !s.is_terminal()))
     }
 
     /// Queue the next events, or move to the next phase.
