@@ -126,6 +126,10 @@ pub(crate) fn load_config(path: Option<&std::path::Path>) -> anyhow::Result<Arc<
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let shutdown = CancellationToken::new();
     spawn_signal_handler(shutdown.clone());
+    let mut cli = cli;
+    // An empty FANOUT_API or FANOUT_TOKEN (as compose files leave them) means unset.
+    cli.remote.api = cli.remote.api.filter(|v| !v.trim().is_empty());
+    cli.remote.token = cli.remote.token.filter(|v| !v.trim().is_empty());
     let config_path = cli.config.as_deref();
     let remote_command = matches!(
         cli.command,
