@@ -164,6 +164,10 @@ fn outcome_label(o: &Outcome) -> &'static str {
 /// cancelled.
 const CANCEL_CHECK: Duration = Duration::from_secs(1);
 
+/// A job admitted after waiting this long for budget looks again whether its report was
+/// cancelled meanwhile, before it calls the provider.
+const WAITED_LOOK_AGAIN: Duration = Duration::from_millis(50);
+
 impl SectionHandler {
     /// Sleep `delay` before the next attempt, looking every [`CANCEL_CHECK`] whether the report
     /// was cancelled meanwhile: true if it was (stop; the job slot is free at once rather than
@@ -288,6 +292,15 @@ impl SectionHandler {
                 }
                 Err(e) => return Err(e.into()),
             };
+            // A job that waited for budget may outlive its report: a cancel while it waited
+            // must not be followed by a provider call. (Unwaited admissions skip the look.)
+            if admission.waited >= WAITED_LOOK_AGAIN
+                && self.deps.store.status(&job.report_id).await?
+                    == Some(fanout_core::ReportStatus::Cancelled)
+            {
+                self.deps.budget.settle_refused(admission).await?;
+                return Ok((Outcome::Done, Some(section)));
+            }
             let key = admission.key.clone();
             METRICS.budget_wait.observe(admission.waited.as_secs_f64());
             if self.deps.config.budget.tenant_shares.contains_key(&tenant) {
