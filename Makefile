@@ -21,8 +21,8 @@ demo: build ## run a startup report and a 20-persona panel end to end on the sim
 test: deps ## run every test (each test starts its own redis-server)
 	$(CARGO) test --locked --workspace
 
-soak: deps ## the fault suite (tests/chaos.rs) at soak size: 500 reports under worker kills, 200 across Redis and API/aggregator crashes
-	FANOUT_SOAK=1 $(CARGO) test --locked -p fanout-cli --test chaos -- --nocapture --test-threads 1
+soak: deps ## the fault and load suites at soak size (release build, under 30 min); writes the figures into docs/reliability.md
+	CARGO=$(CARGO) scripts/soak.sh
 
 lint: ## rustfmt check, clippy with warnings denied, cargo deny (deny.toml), and the deploy files' validators
 	$(CARGO) fmt --all --check

@@ -679,3 +679,293 @@ fn env_without_tokens() -> Vec<(String, String)> {
         .filter(|(k, _)| k != "FANOUT_API_TOKENS")
         .collect()
 }
+
+/// A template whose `note` section renders an empty prompt unless the optional `note` input is
+/// given; `after` depends on it.
+const POISON_TEMPLATE: &str = r#"
+name = "poison"
+title = "Poison"
+description = "Its first section's prompt is empty unless `note` is given."
+lane = "interactive"
+model = "gpt-4o-mini"
+
+[[inputs]]
+name = "topic"
+kind = "string"
+required = true
+max_chars = 200
+
+[[inputs]]
+name = "note"
+kind = "text"
+max_chars = 2000
+
+[[sections]]
+id = "note"
+title = "Note"
+prompt = "{% if inputs.note %}{{ inputs.note }}{% endif %}"
+
+[[sections]]
+id = "after"
+title = "After the note"
+depends_on = ["note"]
+prompt = "Go on from this: {{ sections.note }}"
+
+[[sections]]
+id = "topic"
+title = "Topic"
+prompt = "Write about {{ inputs.topic }}."
+"#;
+
+#[test]
+fn poison_and_bad_input_end_in_a_clear_error_or_a_dead_letter_and_no_process_exits() {
+    use fanout_system_tests::{http_get_as, http_post_json_as};
+    use serde_json::json;
+
+    let templates = fanout_system_tests::tempfile::tempdir().unwrap();
+    let root = fanout_test_support::workspace_root();
+    for entry in std::fs::read_dir(root.join("config/templates")).unwrap() {
+        let path = entry.unwrap().path();
+        std::fs::copy(&path, templates.path().join(path.file_name().unwrap())).unwrap();
+    }
+    std::fs::write(templates.path().join("poison.toml"), POISON_TEMPLATE).unwrap();
+    fanout_test_support::use_fanout_bin(env!("CARGO_BIN_EXE_fanout"));
+    let mut env = env();
+    env.push((
+        "FANOUT_REPORTS__TEMPLATES_DIR".into(),
+        templates.path().display().to_string(),
+    ));
+    let mut cluster = Cluster::start(ClusterSpec {
+        workers: 2,
+        concurrency: 8,
+        time_scale: 0.01,
+        sim_args: sim_args(),
+        env,
+        ..ClusterSpec::default()
+    });
+    let (mut api_process, api) = api(&cluster);
+    let port: u16 = api.rsplit(':').next().unwrap().parse().unwrap();
+    let post = |body: &Value| {
+        let (code, text) = http_post_json_as(port, "/v1/reports", body, ADMIN);
+        (
+            code,
+            serde_json::from_str::<Value>(&text).unwrap_or(Value::Null),
+        )
+    };
+    let field = |answer: &Value| answer["error"]["field"].as_str().unwrap_or("").to_owned();
+    let panel: Value = serde_json::from_str(
+        &std::fs::read_to_string(root.join("config/examples/persona-panel.json")).unwrap(),
+    )
+    .unwrap();
+    let with_personas = |personas: Value| {
+        let mut inputs = panel.clone();
+        inputs["personas"] = personas;
+        json!({"template": "persona-panel", "inputs": inputs})
+    };
+    let mut cases = 0;
+
+    // Bad input: refused at the door with the field named, nothing enqueued.
+    // JSON nested 100,000 deep (200 KB): the parser's depth limit, not a stack overflow.
+    let deep = format!(
+        r#"{{"template": "persona-panel", "inputs": {}{}}}"#,
+        "[".repeat(100_000),
+        "]".repeat(100_000)
+    );
+    let (code, text) = raw_post(port, &deep);
+    assert_eq!(code, 400, "{text}");
+    assert!(text.contains("more than 128 deep"), "{text}");
+    cases += 1;
+    // Nested objects where text belongs.
+    let mut nested = json!("leaf");
+    for _ in 0..60 {
+        nested = json!({ "a": nested });
+    }
+    let (code, answer) = post(&with_personas(
+        json!([{"name": "Ann", "background": nested}]),
+    ));
+    assert_eq!(
+        (code, field(&answer).as_str()),
+        (422, "inputs.personas[0].background"),
+        "{answer}"
+    );
+    // Too long for the input (a body over `api.max_body_bytes` is 413: `api.rs`).
+    let mut long = panel.clone();
+    long["content"] = json!("x".repeat(20_001));
+    let (code, answer) = post(&json!({"template": "persona-panel", "inputs": long}));
+    assert_eq!(
+        (code, field(&answer).as_str()),
+        (422, "inputs.content"),
+        "{answer}"
+    );
+    // Control characters and bidirectional overrides.
+    let (code, answer) = post(&with_personas(json!([{"name": "Ann\u{0}Bo"}])));
+    assert_eq!(
+        (code, field(&answer).as_str()),
+        (422, "inputs.personas[0].name"),
+        "{answer}"
+    );
+    let mut bidi = panel.clone();
+    bidi["content"] = json!("Pay \u{202e}0001\u{202c} EUR");
+    let (code, answer) = post(&json!({"template": "persona-panel", "inputs": bidi}));
+    assert_eq!(
+        (code, field(&answer).as_str()),
+        (422, "inputs.content"),
+        "{answer}"
+    );
+    // A template name that tries to leave the templates directory.
+    for name in [
+        "../../etc/passwd",
+        "/etc/passwd",
+        "persona-panel/../../x",
+        "nul\u{0}",
+    ] {
+        let (code, answer) = post(&json!({"template": name, "inputs": {}}));
+        assert!(
+            (code == 404 || code == 422) && field(&answer) == "template",
+            "{name}: {code} {answer}"
+        );
+    }
+    cases += 8;
+
+    // Unicode is content, not poison: names in any script, emoji, combining marks.
+    let names = [
+        "Zoë Ångström 🚀",
+        "李小龍",
+        "مريم الحسن",
+        "Z\u{336}a\u{336}l\u{336}g\u{336}o\u{336}",
+    ];
+    let (code, answer) = post(&with_personas(
+        names.iter().map(|n| json!({"name": n})).collect(),
+    ));
+    assert_eq!(code, 202, "{answer}");
+    let unicode = answer["id"].as_str().unwrap().to_owned();
+
+    // A template that renders an empty prompt: that section fails with the reason and no
+    // provider call, its dependent is skipped, the rest of the report completes.
+    let (code, answer) = post(&json!({"template": "poison", "inputs": {"topic": "tea"}}));
+    assert_eq!(code, 202, "{answer}");
+    let empty = answer["id"].as_str().unwrap().to_owned();
+
+    // Poison in the queue: entries no worker can decode, written straight into the stream the
+    // reports' jobs use, between real jobs.
+    let mut conn = cluster.redis.client().get_connection().unwrap();
+    let streams: Vec<String> = redis::cmd("KEYS")
+        .arg("{systest:queue}:stream:*")
+        .query(&mut conn)
+        .unwrap();
+    assert!(!streams.is_empty());
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis()
+        .to_string();
+    for stream in &streams {
+        let _: String = redis::cmd("XADD")
+            .arg(stream)
+            .arg("*")
+            .arg("garbage")
+            .arg("1")
+            .query(&mut conn)
+            .unwrap();
+        let _: String = redis::cmd("XADD")
+            .arg(stream)
+            .arg("*")
+            .arg(&[("id", "not-json"), ("p", "{nope"), ("a", "1"), ("t", &now)])
+            .query(&mut conn)
+            .unwrap();
+        let _: String = redis::cmd("XADD")
+            .arg(stream)
+            .arg("*")
+            .arg(&[
+                ("id", "not-a-section"),
+                ("p", r#"{"x": 1}"#),
+                ("a", "1"),
+                ("t", &now),
+            ])
+            .query(&mut conn)
+            .unwrap();
+    }
+    cases += 3 * streams.len();
+    // Real work behind the poison wakes the claimers.
+    let (code, answer) = post(&with_personas(json!([{"name": "Ann"}, {"name": "Bo"}])));
+    assert_eq!(code, 202, "{answer}");
+    let behind = answer["id"].as_str().unwrap().to_owned();
+
+    let reports = [unicode.clone(), empty.clone(), behind.clone()];
+    let statuses = wait_all(&cluster, &reports, Duration::from_secs(120));
+    assert_eq!(statuses[&unicode], "completed");
+    assert_eq!(statuses[&behind], "completed");
+    let md = cluster.report_md(&unicode);
+    for name in names {
+        assert!(md.contains(name), "{name} missing from the report");
+    }
+    let r = report(&cluster, &empty);
+    let state = |id: &str| {
+        r["sections"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["section"] == id)
+            .unwrap_or_else(|| panic!("{id}: {r}"))
+            .clone()
+    };
+    assert_eq!(state("note")["state"], "failed", "{r}");
+    assert!(
+        state("note")["reason"]
+            .as_str()
+            .is_some_and(|e| e.contains("prompt rendered empty")),
+        "{r}"
+    );
+    assert_eq!(state("after")["state"], "skipped", "{r}");
+    assert_eq!(state("topic")["state"], "done", "{r}");
+
+    // Provider calls: 5 for the unicode panel, 1 for `topic`, 3 behind the poison; none for
+    // the empty prompt.
+    assert_eq!(cluster.sim_stats()["totals"]["requests"], 9);
+
+    // Every poisoned entry is a dead letter with its reason; none was dropped.
+    let dead = wait_until(Duration::from_secs(30), || {
+        let (_, text) = http_get_as(port, "/v1/dead-letters?limit=1000", ADMIN);
+        serde_json::from_str::<Value>(&text)
+            .is_ok_and(|v| v["dead_letters"].as_array().unwrap().len() == 3 * streams.len())
+    });
+    let (_, text) = http_get_as(port, "/v1/dead-letters?limit=1000", ADMIN);
+    assert!(dead, "{text}");
+    let letters: Value = serde_json::from_str(&text).unwrap();
+    for l in letters["dead_letters"].as_array().unwrap() {
+        assert!(
+            l["reason"].as_str().unwrap().starts_with("decode error: "),
+            "{l}"
+        );
+    }
+    // No process exited.
+    for (i, w) in cluster.workers.iter_mut().enumerate() {
+        assert!(w.is_running(), "worker {i} exited");
+    }
+    assert!(cluster.aggregator.is_running(), "aggregator exited");
+    assert!(cluster.sim.is_running(), "sim exited");
+    assert!(api_process.is_running(), "api exited");
+    eprintln!(
+        "chaos: poison: {cases} poison inputs and queue entries, each refused with its field named or dead-lettered with its reason; \
+         a prompt that rendered empty failed its section without a provider call; unicode names came through; 0 processes exited"
+    );
+}
+
+/// `POST /v1/reports` with a raw body (which need not be JSON): (status, body).
+fn raw_post(port: u16, body: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    write!(
+        s,
+        "POST /v1/reports HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\
+         Authorization: Bearer {ADMIN}\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut raw = String::new();
+    s.read_to_string(&mut raw).unwrap();
+    let (head, body) = raw.split_once("\r\n\r\n").unwrap();
+    let code = head.split_whitespace().nth(1).unwrap().parse().unwrap();
+    (code, body.to_owned())
+}

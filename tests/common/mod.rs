@@ -5,6 +5,8 @@ use std::time::Duration;
 
 use fanout_test_support::{FanoutProcess, RedisServer, free_port, run_fanout, wait_for_port};
 
+pub use tempfile;
+
 /// A running cluster. Everything is killed when it is dropped.
 #[derive(Debug)]
 pub struct Cluster {
@@ -234,6 +236,16 @@ pub fn http_get_as(port: u16, path: &str, token: &str) -> (u16, String) {
 /// `POST path` with a JSON body: (status, body).
 pub fn http_post_json(port: u16, path: &str, body: &serde_json::Value) -> (u16, String) {
     http(port, "POST", path, Some(&body.to_string()), None)
+}
+
+/// `POST path` with a JSON body and `Authorization: Bearer <token>`: (status, body).
+pub fn http_post_json_as(
+    port: u16,
+    path: &str,
+    body: &serde_json::Value,
+    token: &str,
+) -> (u16, String) {
+    http(port, "POST", path, Some(&body.to_string()), Some(token))
 }
 
 fn http(

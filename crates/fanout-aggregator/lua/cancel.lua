@@ -39,5 +39,5 @@ local ids = #queued == 0 and '[]' or cjson.encode(queued)
 redis.call('HSET', KEYS[K_META], 'status', 'cancelled', 'finished_at', now, 'cancelled_jobs', ids)
 event('report.finished', '', 'cancelled', ARGV[5], now)
 notify('report.finished')
-touch()
+touch(TTL)
 return { 'cancelled', ids }

@@ -81,5 +81,5 @@ redis.call('ZADD', KEYS[11], now, REPORT_ID)
 -- go, so an index nobody lists does not grow without bound.
 redis.call('ZREMRANGEBYSCORE', KEYS[11], '-inf', now - (tonumber(TTL) + 7 * 86400) * 1000)
 event('report.created', '', 'running', string.format('%d sections, %d ready', jobs, #ready - 2), now)
-touch()
+touch(RUNNING_TTL)
 return ready

@@ -46,12 +46,16 @@ local function notify(kind)
     'report_id', REPORT_ID, 'kind', kind)
 end
 
--- Report keys live TTL seconds after the report was created, then after it finished (or was
--- reopened). Only create, finish, cancel and reopen call this: nine EXPIREs per transition
--- would double its cost.
-local function touch()
+-- A report that is still running lives at least a week (RUNNING_TTL) after it was created or
+-- reopened, however short the TTL: a backlog that outlasts the TTL must not delete the reports
+-- it holds (the tenant index prunes on the same week). Once finished, it lives TTL seconds.
+local RUNNING_TTL = math.max(tonumber(TTL), 7 * 86400)
+
+-- Only create, finish, cancel and reopen call this: nine EXPIREs per transition would double
+-- its cost.
+local function touch(ttl)
   for i = 1, REPORT_KEYS do
-    redis.call('EXPIRE', KEYS[i], TTL)
+    redis.call('EXPIRE', KEYS[i], ttl)
   end
 end
 
@@ -172,7 +176,7 @@ local function maybe_finish(now)
   event('report.finished', '', status, string.format('%d done, %d failed, %d skipped',
     counts.done, counts.failed, counts.skipped), now)
   notify('report.finished')
-  touch()
+  touch(TTL)
   return status
 end
 

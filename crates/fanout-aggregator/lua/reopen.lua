@@ -139,6 +139,6 @@ while head <= #queue do
   end
 end
 
--- The report lives TTL seconds after it was reopened, as after it was created.
-touch()
+-- Running again: it lives as long as after it was created.
+touch(RUNNING_TTL)
 return { 'reopened', state, finished and '1' or '0', redis.call('HGET', KEYS[K_NODES], job) or '{}' }

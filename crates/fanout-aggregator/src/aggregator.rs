@@ -111,7 +111,11 @@ struct Aggregator {
     /// Our own pending notifications were (re)read after a start or an error.
     own_pending_done: bool,
     last_claim: Option<Instant>,
+    last_sweep: Option<Instant>,
 }
+
+/// How often an aggregator forgets the tenant index entries of expired reports.
+const SWEEP_EVERY: Duration = Duration::from_secs(30);
 
 /// Run an aggregator until `shutdown`. Several processes share the work through the consumer
 /// group [`GROUP`]; notifications of a dead one are claimed after `claim_idle`. Redis errors
@@ -131,6 +135,7 @@ pub async fn run(
         group_ready: false,
         own_pending_done: false,
         last_claim: None,
+        last_sweep: None,
     };
     let mut delay = Duration::from_millis(100);
     while !shutdown.is_cancelled() {
@@ -169,6 +174,16 @@ impl Aggregator {
         if self.last_claim.is_none_or(|t| t.elapsed() >= claim_every) {
             self.claim_stale().await?;
             self.last_claim = Some(Instant::now());
+        }
+        if self.last_sweep.is_none_or(|t| t.elapsed() >= SWEEP_EVERY) {
+            self.last_sweep = Some(Instant::now());
+            let n = self.store.forget_expired(10_000).await?;
+            if n > 0 {
+                debug!(
+                    forgotten = n,
+                    "expired reports forgotten by their tenant index"
+                );
+            }
         }
 
         let reader = match self.reader.as_mut() {

@@ -189,8 +189,8 @@ impl std::fmt::Debug for Store {
 }
 
 impl Store {
-    /// `ttl`: how long a report's keys live after it finished (or after it was created, if
-    /// it never finishes); `reports.ttl_secs` in the config.
+    /// `ttl`: how long a report's keys live after it finished (`reports.ttl_secs` in the
+    /// config); a running report lives at least a week.
     pub fn new(pool: Pool, namespace: &str, ttl: Duration) -> Self {
         Self {
             shared: SharedConnection::new(pool),
@@ -946,6 +946,74 @@ impl Store {
                 });
             }
         }
+    }
+
+    /// Forget the index entries of reports that expired (their keys are gone), oldest first,
+    /// up to `max` per tenant; returns how many. Listing forgets them too, as it meets them;
+    /// this keeps the index of a tenant nobody lists from holding every deleted report's id
+    /// until the weekly prune at create. Any number of processes may run it at once.
+    pub async fn forget_expired(&self, max: usize) -> Result<usize> {
+        const BATCH: usize = 200;
+        let mut conn = self.conn().await?;
+        let pattern = format!("{}*", self.keys.tenant_reports(""));
+        let mut indexes: Vec<String> = Vec::new();
+        let mut cursor = 0u64;
+        loop {
+            let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(&pattern)
+                .arg("TYPE")
+                .arg("zset")
+                .arg("COUNT")
+                .arg(1000)
+                .query_async(&mut conn)
+                .await
+                .map_err(|e| self.broken(e))?;
+            indexes.extend(keys);
+            if next == 0 {
+                break;
+            }
+            cursor = next;
+        }
+        let mut forgotten = 0;
+        for index in indexes {
+            let mut seen = 0;
+            while seen < max {
+                let ids: Vec<String> = redis::cmd("ZRANGE")
+                    .arg(&index)
+                    .arg(0)
+                    .arg(BATCH.min(max - seen) - 1)
+                    .query_async(&mut conn)
+                    .await
+                    .map_err(|e| self.broken(e))?;
+                if ids.is_empty() {
+                    break;
+                }
+                seen += ids.len();
+                let mut pipe = redis::pipe();
+                for id in &ids {
+                    pipe.cmd("EXISTS").arg(self.keys.report(id).meta());
+                }
+                let exists: Vec<bool> = pipe
+                    .query_async(&mut conn)
+                    .await
+                    .map_err(|e| self.broken(e))?;
+                let gone: Vec<String> = ids
+                    .iter()
+                    .zip(&exists)
+                    .filter(|(_, e)| !**e)
+                    .map(|(id, _)| id.clone())
+                    .collect();
+                self.forget(&mut conn, &index, &gone).await?;
+                forgotten += gone.len();
+                // The oldest still exist: the rest are younger, and expire later.
+                if gone.len() < ids.len() {
+                    break;
+                }
+            }
+        }
+        Ok(forgotten)
     }
 
     async fn forget(

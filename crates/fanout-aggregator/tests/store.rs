@@ -576,6 +576,30 @@ async fn events_are_ordered_and_replayable_after_an_id() {
 }
 
 #[tokio::test]
+async fn a_report_still_running_outlives_a_short_ttl_and_gets_it_when_it_finishes() {
+    // A backlog longer than `reports.ttl_secs` must not delete the reports waiting in it.
+    let env = env_with_ttl(Duration::from_secs(1));
+    let c = env.store.create(diamond()).await.unwrap();
+    let r = c.report_id.clone();
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    assert_eq!(
+        env.store.status(&r).await.unwrap(),
+        Some(ReportStatus::Running)
+    );
+    let meta = env.store.keys().report(&r).meta();
+    let mut conn = env.redis.client().get_connection().unwrap();
+    let ttl: i64 = conn.ttl(&meta).unwrap();
+    assert!(ttl > 6 * 86400, "a running report is kept a week: {ttl}");
+    run_all(&env.store, &r, c.ready).await;
+    assert_eq!(
+        env.store.status(&r).await.unwrap(),
+        Some(ReportStatus::Completed)
+    );
+    let ttl: i64 = conn.ttl(&meta).unwrap();
+    assert!((0..=1).contains(&ttl), "finished, it has the TTL: {ttl}");
+}
+
+#[tokio::test]
 async fn every_report_key_gets_the_ttl_when_the_report_finishes() {
     let env = env_with_ttl(Duration::from_secs(120));
     let c = env.store.create(diamond()).await.unwrap();
@@ -749,7 +773,11 @@ async fn reopen_runs_a_failed_section_again_and_the_report_finishes_again() {
     let attempts: Option<u32> = c.hget(k.webhooks_attempts(), &r).unwrap();
     assert_eq!((due, url, attempts), (None, None, None));
     let ttl: i64 = c.ttl(keys.meta()).unwrap();
-    assert!(ttl > 0 && ttl <= 3600, "the report keys keep a TTL: {ttl}");
+    // Running again, it is kept at least a week (the store's TTL here is an hour).
+    assert!(
+        ttl > 3600 && ttl <= 7 * 86400,
+        "the report keys keep a running TTL: {ttl}"
+    );
     assert_eq!(
         events_from(&env.store, &r, seen).await,
         [

@@ -89,11 +89,7 @@ impl Local {
 
     pub(crate) fn queue(&self) -> anyhow::Result<fanout_queue::Queue> {
         let config = self.config()?;
-        Ok(fanout_queue::Queue::new(
-            self.pool()?,
-            &config.redis.namespace,
-            config.queue.clone(),
-        ))
+        Ok(fanout_queue::Queue::from_config(self.pool()?, &config))
     }
 
     pub(crate) fn producer(&self) -> anyhow::Result<fanout_producer::Producer> {

@@ -281,7 +281,7 @@ async fn run_report(
     std::fs::write(&path, template_toml(&template)?)?;
     let producer = Producer::new(
         store.clone(),
-        fanout_queue::Queue::new(pool, &config.redis.namespace, config.queue.clone()),
+        fanout_queue::Queue::from_config(pool, &config),
         Templates::builtin(),
     );
     let submitted = producer
@@ -438,7 +438,7 @@ pub(crate) fn producer_for(env: &HashMap<String, String>) -> anyhow::Result<(Sto
     let config = Config::load(None, env)?;
     let pool = fanout_worker::redis_pool(&config)?;
     let store = Store::from_config(pool.clone(), &config);
-    let queue = fanout_queue::Queue::new(pool, &config.redis.namespace, config.queue.clone());
+    let queue = fanout_queue::Queue::from_config(pool, &config);
     Ok((
         store.clone(),
         Producer::new(store, queue, Templates::builtin()),

@@ -126,7 +126,7 @@ pub(crate) async fn run(args: DemoArgs, shutdown: CancellationToken) -> anyhow::
 
     let producer = Producer::new(
         store.clone(),
-        fanout_queue::Queue::new(pool.clone(), &config.redis.namespace, config.queue.clone()),
+        fanout_queue::Queue::from_config(pool.clone(), &config),
         Templates::builtin(),
     );
     let started = Instant::now();

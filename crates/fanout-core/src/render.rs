@@ -70,6 +70,12 @@ pub fn render_prompt(
     let env = environment(t).map_err(|(name, e)| fail(format!("partial `{name}`: {e}")))?;
 
     let user = render_one(&env, t, section, "prompt", &section.prompt, &ctx).map_err(fail)?;
+    if user.is_empty() {
+        // A provider answers an empty prompt with something (and bills it); nobody wants that.
+        return Err(fail(
+            "prompt rendered empty: the inputs it uses are missing or blank".to_owned(),
+        ));
+    }
     let system = match section.system.as_ref().or(t.system.as_ref()) {
         None => None,
         Some(src) => Some(render_one(&env, t, section, "system", src, &ctx).map_err(fail)?)
@@ -695,6 +701,15 @@ prompt = """
             "{e}"
         );
         assert!(e.message.ends_with("(at t/intro.prompt:1)"), "{e}");
+    }
+
+    #[test]
+    fn a_prompt_that_renders_empty_is_an_error_not_a_call() {
+        let (mut t, inputs, g) = setup();
+        t.sections[0].prompt = "{% if inputs.nothing_here is defined %}x{% endif %}\n  \n".into();
+        let e =
+            render_prompt(&t, g.get("intro").unwrap(), &inputs, &BTreeMap::new(), "m").unwrap_err();
+        assert!(e.message.starts_with("prompt rendered empty"), "{e}");
     }
 
     #[test]

@@ -111,6 +111,15 @@ impl Queue {
         }
     }
 
+    /// The queue of a Fanout deployment: `redis.namespace` and `queue` of `config`. A job id is
+    /// remembered for deduplication 24 h, or `reports.ttl_secs` when shorter: its report is
+    /// gone by then, and the report's own state refuses to run a finished job twice.
+    pub fn from_config(pool: deadpool_redis::Pool, config: &fanout_core::Config) -> Self {
+        Self::new(pool, &config.redis.namespace, config.queue.clone()).with_idempotency_ttl(
+            Duration::from_secs(config.reports.ttl_secs).min(DEFAULT_IDEMPOTENCY_TTL),
+        )
+    }
+
     /// Change how long a job id is remembered for deduplication (default 24 h).
     pub fn with_idempotency_ttl(self, ttl: Duration) -> Self {
         let inner = &self.inner;

@@ -44,7 +44,7 @@ impl WorkerDeps {
         let budget = Budget::new(pool.clone(), ns, config.budget.clone(), key_names);
         budget.track(&config.provider.default_model);
         Ok(Self {
-            queue: Queue::new(pool.clone(), ns, config.queue.clone()),
+            queue: Queue::from_config(pool.clone(), &config),
             budget,
             store: Store::new(
                 pool.clone(),

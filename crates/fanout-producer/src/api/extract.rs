@@ -87,6 +87,13 @@ pub(crate) fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiErro
     let value = serde_path_to_error::deserialize(&mut de).map_err(|e| {
         let path = e.path().to_string();
         let inner = e.into_inner();
+        if inner.to_string().starts_with("recursion limit exceeded") {
+            return ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "malformed_json",
+                "the JSON nests arrays and objects more than 128 deep",
+            );
+        }
         if inner.classify() != serde_json::error::Category::Data {
             // serde_json reports a value of the wrong kind for an enum ("lane": 7) as a syntax
             // error; the body is valid JSON, so it is the field's value that is wrong.

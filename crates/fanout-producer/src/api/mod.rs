@@ -137,7 +137,7 @@ impl ApiState {
             .map_err(InitError::WebhookTargets)?;
         let producer = Producer::new(
             Store::from_config(pool.clone(), config),
-            fanout_queue::Queue::new(pool.clone(), &config.redis.namespace, config.queue.clone()),
+            fanout_queue::Queue::from_config(pool.clone(), config),
             templates,
         )
         .with_webhook_targets(targets);
