@@ -341,6 +341,94 @@ fn provider_faults_end_in_completed_or_marked_sections_within_the_attempt_bound(
     );
 }
 
+#[test]
+fn a_provider_down_for_30_s_costs_calls_not_attempts_and_every_report_completes() {
+    let reports = if soak() { 50 } else { 10 };
+    fanout_test_support::use_fanout_bin(env!("CARGO_BIN_EXE_fanout"));
+    // The default retry policy (5 attempts, backoff from 500 ms to 60 s with full jitter), not
+    // the quick one the other scenarios use.
+    let mut env = env();
+    env.push(("FANOUT_QUEUE__RETRY_BASE_MS".into(), "500".into()));
+    env.push(("FANOUT_QUEUE__RETRY_MAX_MS".into(), "60000".into()));
+    env.push(("FANOUT_PROVIDER__REQUEST_TIMEOUT_SECS".into(), "5".into()));
+    let mut cluster = Cluster::start(ClusterSpec {
+        workers: 2,
+        concurrency: 8,
+        // A provider call takes about a second: the outage starts with calls in flight.
+        time_scale: 0.05,
+        sim_args: sim_args(),
+        env,
+        ..ClusterSpec::default()
+    });
+    let ids = submit(&cluster, reports);
+    let requests = |c: &Cluster| c.sim_stats()["totals"]["requests"].as_u64().unwrap();
+    assert!(wait_until(Duration::from_secs(30), || requests(&cluster) >= 5));
+    let before = requests(&cluster);
+    cluster.sim.kill();
+    let down = Instant::now();
+    std::thread::sleep(Duration::from_secs(30));
+    let listen = format!("127.0.0.1:{}", cluster.sim_port);
+    let mut args = vec!["sim", "--listen", &listen, "--time-scale", "0.05"];
+    let extra = sim_args();
+    args.extend(extra.iter().map(String::as_str));
+    cluster.sim = FanoutProcess::start("sim", &args, &[]);
+    assert!(
+        wait_for_port(cluster.sim_port, Duration::from_secs(20)),
+        "sim did not come back"
+    );
+    let outage = down.elapsed();
+    let statuses = wait_all(&cluster, &ids, Duration::from_secs(240));
+    let (mut done, mut failed, mut skipped) = (0, 0, 0);
+    for id in &ids {
+        let status = &statuses[id];
+        assert!(
+            ["completed", "completed_with_failures", "failed"].contains(&status.as_str()),
+            "{id}: {status}"
+        );
+        for s in report(&cluster, id)["sections"].as_array().unwrap() {
+            match s["state"].as_str().unwrap() {
+                "done" => done += 1,
+                state @ ("failed" | "skipped") => {
+                    if state == "failed" {
+                        failed += 1;
+                    } else {
+                        skipped += 1;
+                    }
+                    assert!(!s["reason"].as_str().unwrap_or("").is_empty(), "{s}");
+                }
+                other => panic!("{id}: section in state {other}"),
+            }
+        }
+    }
+    for (i, w) in cluster.workers.iter_mut().enumerate() {
+        assert!(w.is_running(), "worker {i} exited");
+    }
+    assert!(cluster.aggregator.is_running(), "aggregator exited");
+    // The outage cost calls, not attempts: every process paused the key while it lasted, and
+    // every section completed once the provider was back.
+    assert_eq!(
+        (failed, skipped),
+        (0, 0),
+        "an outage of 30 s failed sections"
+    );
+    let unreached: f64 = cluster.metrics_ports[..2]
+        .iter()
+        .filter_map(|p| {
+            fanout_system_tests::scrape(
+                *p,
+                "fanout_llm_responses_total",
+                &["status=\"connection\""],
+            )
+        })
+        .sum();
+    let after = cluster.sim_stats()["totals"]["requests"].as_u64().unwrap();
+    eprintln!(
+        "chaos: provider down: {reports} reports, provider SIGKILLed {before} requests in and \
+         back after {outage:.1?}; {unreached} calls found it unreachable; sections: {done} done, \
+         {failed} failed, {skipped} skipped; {after} requests after it came back; 0 processes exited"
+    );
+}
+
 /// A webhook receiver on loopback: answers 200 to every POST and counts them per report.
 fn receiver() -> (
     u16,

@@ -78,6 +78,10 @@ pub struct CallError {
     pub message: String,
     pub status: Option<u16>,
     pub headers: RateHeaders,
+    /// The request never reached the provider (connecting failed: refused, DNS, connect
+    /// timeout), so it cannot have been served or billed.
+    #[serde(default)]
+    pub unreached: bool,
 }
 
 impl fmt::Display for CallError {
@@ -101,6 +105,7 @@ impl CallError {
             message,
             status: None,
             headers: RateHeaders::default(),
+            unreached: false,
         }
     }
 
@@ -214,10 +219,12 @@ impl CallError {
             ErrorKind::Connection
         };
         let status = e.status().map(|s| s.as_u16());
+        let unreached = e.is_connect();
         // The URL carries no secret, but keep messages to what went wrong.
         let message = error_chain(&e.without_url());
         Self {
             status,
+            unreached,
             ..Self::new(kind, message)
         }
     }

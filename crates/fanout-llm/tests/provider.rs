@@ -308,7 +308,7 @@ fn no_keys_is_a_clear_error() {
 }
 
 #[tokio::test]
-async fn connection_refused_is_retryable() {
+async fn connection_refused_is_retryable_and_known_to_have_reached_nobody() {
     let port = fanout_test_support::free_port();
     let config = ProviderConfig {
         base_url: format!("http://127.0.0.1:{port}/v1"),
@@ -323,6 +323,7 @@ async fn connection_refused_is_retryable() {
     let e = client.call("main", &request("hi")).await.unwrap_err();
     assert_eq!(e.kind, ErrorKind::Connection, "{e}");
     assert!(e.is_retryable());
+    assert!(e.unreached, "nothing was sent: {e}");
     assert_eq!(e.status, None);
     assert!(!e.message.contains(SECRET));
 }

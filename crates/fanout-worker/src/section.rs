@@ -168,6 +168,17 @@ const CANCEL_CHECK: Duration = Duration::from_secs(1);
 /// cancelled meanwhile, before it calls the provider.
 const WAITED_LOOK_AGAIN: Duration = Duration::from_millis(50);
 
+/// How long after its job was enqueued a provider that cannot be reached costs no attempts.
+/// Outages last minutes; a provider that stays unreachable (a wrong base URL) then fails the
+/// section after its attempts, with the connection error as the reason.
+const UNREACHABLE_GRACE: Duration = Duration::from_secs(15 * 60);
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
 impl SectionHandler {
     /// Sleep `delay` before the next attempt, looking every [`CANCEL_CHECK`] whether the report
     /// was cancelled meanwhile: true if it was (stop; the job slot is free at once rather than
@@ -259,6 +270,9 @@ impl SectionHandler {
         let mut attempt = 0u32;
         // When this delivery met its first 429: from then on it is waiting for budget.
         let mut rate_limited_since: Option<Instant> = None;
+        // When this delivery first failed to reach the provider, and how often since.
+        let mut unreached_since: Option<Instant> = None;
+        let mut unreached = 0u32;
         loop {
             attempt += 1;
             let admission = match self
@@ -389,7 +403,31 @@ impl SectionHandler {
                     // attempt; its wait counts as budget wait, and past `max_wait_secs` the job
                     // goes back to the queue, as when admission takes too long.
                     let rate_limited = err.kind == fanout_llm::ErrorKind::RateLimited;
-                    let delay = if rate_limited {
+                    // A provider that cannot be reached (down, or a network outage) served and
+                    // billed nothing: no attempt is spent while the job is younger than
+                    // UNREACHABLE_GRACE. Every process pauses the key (1 s, doubling to 30 s
+                    // while it lasts), so an outage costs a few calls, not every job's
+                    // attempts; past `max_wait_secs` the job goes back to the queue.
+                    let outage = err.unreached
+                        && now_ms().saturating_sub(d.enqueued_at_ms)
+                            < UNREACHABLE_GRACE.as_millis() as u64;
+                    let delay = if outage {
+                        unreached += 1;
+                        let delay = Duration::from_secs(1 << (unreached - 1).min(5))
+                            .min(Duration::from_secs(30));
+                        let pause = ProviderSignal {
+                            retry_after: Some(delay),
+                            ..ProviderSignal::default()
+                        };
+                        self.feedback(&key, &req.model, pause).await;
+                        let since = *unreached_since.get_or_insert_with(Instant::now);
+                        if since.elapsed() + delay > max_wait {
+                            METRICS.jobs_released.with_label_values(&[lane]).inc();
+                            tracing::debug!(report = %job.report_id, job = %job.job_id, "provider unreachable too long, handing the job back");
+                            return Ok((Outcome::Release { delay }, Some(section)));
+                        }
+                        Some(delay)
+                    } else if rate_limited {
                         let backoff = self.retry.backoff(1).unwrap_or_default();
                         let delay = backoff.max(err.retry_after().unwrap_or_default());
                         let since = *rate_limited_since.get_or_insert_with(Instant::now);
@@ -419,7 +457,7 @@ impl SectionHandler {
                             if self.back_off(&job.report_id, delay).await? {
                                 return Ok((Outcome::Done, Some(section)));
                             }
-                            if rate_limited {
+                            if rate_limited || outage {
                                 attempt -= 1;
                             }
                         }
@@ -556,9 +594,9 @@ impl SectionHandler {
     /// advertised limits, pauses and lowers its rate on a 429, and skips the round trip when
     /// nothing is new.
     async fn feedback(&self, key: &str, model: &str, signal: ProviderSignal) {
-        let status = signal.status;
+        let paused = signal.status == 429 || signal.retry_after.is_some();
         match self.deps.budget.feedback(key, model, signal).await {
-            Ok(()) if status == 429 => METRICS.budget_pauses.with_label_values(&[key, model]).inc(),
+            Ok(()) if paused => METRICS.budget_pauses.with_label_values(&[key, model]).inc(),
             Ok(()) => {}
             Err(e) => tracing::warn!(key, model, error = %e, "could not record provider feedback"),
         }
