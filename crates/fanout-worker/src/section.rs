@@ -10,7 +10,7 @@ use fanout_llm::{
     CallError, ChatRequest, ChatResponse, LlmClient, PromptCalibration, ResponseCache, RetryPolicy,
 };
 use fanout_metrics::METRICS;
-use fanout_queue::{Delivery, Handler, NewJob, Outcome, Queue};
+use fanout_queue::{Delivery, Handler, Lane, NewJob, Outcome, Queue};
 use fanout_ratelimit::{AcquireRequest, Admission, Budget, Dimension, ProviderSignal};
 use tokio_util::sync::CancellationToken;
 
@@ -119,7 +119,12 @@ impl Handler for SectionHandler {
 
     /// A dead-lettered section job (its worker kept dying, or our own infrastructure kept
     /// failing) fails its section with the reason, so the report still finishes.
-    async fn dead_lettered(&self, payload: serde_json::Value, reason: String) {
+    async fn dead_lettered(&self, lane: Lane, payload: serde_json::Value, reason: String) {
+        // Counted here, undecodable jobs included: the queue calls this once per job it moves.
+        METRICS
+            .jobs_dead_lettered
+            .with_label_values(&[lane.as_str()])
+            .inc();
         let Ok(job) = serde_json::from_value::<SectionJob>(payload) else {
             return; // undecodable: nothing to attribute it to; the dead letter keeps it
         };
