@@ -307,6 +307,8 @@ impl SectionHandler {
                 return Ok((Outcome::Done, Some(section)));
             }
             let key = admission.key.clone();
+            // Budget series are per (key, model family), like the budget and its gauges.
+            let family = admission.family.clone();
             METRICS.budget_wait.observe(admission.waited.as_secs_f64());
             if self.deps.config.budget.tenant_shares.contains_key(&tenant) {
                 METRICS
@@ -316,11 +318,11 @@ impl SectionHandler {
             }
             METRICS
                 .budget_admissions
-                .with_label_values(&[key.as_str(), req.model.as_str()])
+                .with_label_values(&[key.as_str(), family.as_str()])
                 .inc();
             METRICS
                 .budget_admitted_tokens
-                .with_label_values(&[key.as_str(), req.model.as_str()])
+                .with_label_values(&[key.as_str(), family.as_str()])
                 .inc_by(estimate);
             let called = Instant::now();
             let result = self.deps.llm.call(&key, &req).await;
@@ -386,7 +388,7 @@ impl SectionHandler {
                     if err.kind == fanout_llm::ErrorKind::RateLimited {
                         METRICS
                             .budget_rate_limited
-                            .with_label_values(&[key.as_str(), req.model.as_str()])
+                            .with_label_values(&[key.as_str(), family.as_str()])
                             .inc();
                     }
                     // A 429 rate limit is not this section's failure: our budget ran ahead of the
@@ -563,7 +565,10 @@ impl SectionHandler {
     async fn feedback(&self, key: &str, model: &str, signal: ProviderSignal) {
         let status = signal.status;
         match self.deps.budget.feedback(key, model, signal).await {
-            Ok(()) if status == 429 => METRICS.budget_pauses.with_label_values(&[key, model]).inc(),
+            Ok(()) if status == 429 => METRICS
+                .budget_pauses
+                .with_label_values(&[key, fanout_core::config::model_family(model)])
+                .inc(),
             Ok(()) => {}
             Err(e) => tracing::warn!(key, model, error = %e, "could not record provider feedback"),
         }
