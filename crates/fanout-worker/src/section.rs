@@ -93,10 +93,10 @@ impl Handler for SectionHandler {
             }
         };
         let lane = d.lane.to_string();
-        METRICS.jobs_in_flight.inc();
+        let in_flight = InFlight::new();
         let started = Instant::now();
         let result = self.run(&job, &d, &lane).await;
-        METRICS.jobs_in_flight.dec();
+        drop(in_flight);
         match result {
             Ok((outcome, label)) => {
                 if let Some(section) = label {
@@ -153,6 +153,23 @@ impl Handler for SectionHandler {
                 }
             }
         }
+    }
+}
+
+/// Counts a job in `fanout_jobs_in_flight` while it lives: also a job the queue aborts at its
+/// timeout, whose handler future is dropped mid-await.
+struct InFlight;
+
+impl InFlight {
+    fn new() -> Self {
+        METRICS.jobs_in_flight.inc();
+        Self
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        METRICS.jobs_in_flight.dec();
     }
 }
 
