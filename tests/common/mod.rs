@@ -21,6 +21,8 @@ pub struct Cluster {
     pub metrics_ports: Vec<u16>,
     pub concurrency: usize,
     pub log_dir: Option<std::path::PathBuf>,
+    /// The `--config` file the workers and the aggregator load, if any.
+    pub config: Option<std::path::PathBuf>,
 }
 
 /// How to start a cluster.
@@ -41,6 +43,9 @@ pub struct ClusterSpec {
     pub log_dir: Option<std::path::PathBuf>,
     /// A Redis password (every process gets it in `REDIS_URL`).
     pub redis_password: Option<String>,
+    /// A config file (`--config`) for the workers and the aggregator: what environment
+    /// variables cannot set, such as `[budget_tenants]`.
+    pub config: Option<std::path::PathBuf>,
 }
 
 impl Default for ClusterSpec {
@@ -54,6 +59,7 @@ impl Default for ClusterSpec {
             redis_aof: false,
             log_dir: None,
             redis_password: None,
+            config: None,
         }
     }
 }
@@ -90,6 +96,15 @@ impl Cluster {
             None => FanoutProcess::start(name, args, env),
         };
         let sim = start("sim", &sim_args, &[]);
+        let config = spec.config.as_ref().map(|p| p.display().to_string());
+        let with_config = |args: &[&str]| -> Vec<String> {
+            let mut all: Vec<String> = match &config {
+                Some(path) => vec!["--config".into(), path.clone()],
+                None => Vec::new(),
+            };
+            all.extend(args.iter().map(|a| (*a).to_owned()));
+            all
+        };
         assert!(
             wait_for_port(sim_port, Duration::from_secs(20)),
             "fanout sim did not listen"
@@ -113,27 +128,23 @@ impl Cluster {
         let workers = (0..spec.workers)
             .map(|i| {
                 let metrics = addr(i);
-                start(
-                    &format!("worker-{i}"),
-                    &[
-                        "worker",
-                        "--concurrency",
-                        &concurrency,
-                        "--grace",
-                        "5",
-                        "--metrics-addr",
-                        &metrics,
-                    ],
-                    &env,
-                )
+                let args = with_config(&[
+                    "worker",
+                    "--concurrency",
+                    &concurrency,
+                    "--grace",
+                    "5",
+                    "--metrics-addr",
+                    &metrics,
+                ]);
+                let args: Vec<&str> = args.iter().map(String::as_str).collect();
+                start(&format!("worker-{i}"), &args, &env)
             })
             .collect();
         let metrics = addr(spec.workers);
-        let aggregator = start(
-            "aggregator",
-            &["aggregator", "--metrics-addr", &metrics],
-            &env,
-        );
+        let args = with_config(&["aggregator", "--metrics-addr", &metrics]);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let aggregator = start("aggregator", &args, &env);
         Self {
             redis,
             sim,
@@ -144,13 +155,19 @@ impl Cluster {
             metrics_ports,
             concurrency: spec.concurrency,
             log_dir: spec.log_dir.clone(),
+            config: spec.config.clone(),
         }
     }
 
     /// Start worker `i` again (after a kill), without a metrics port.
     pub fn restart_worker(&mut self, i: usize, generation: usize) {
         let concurrency = self.concurrency.to_string();
-        let args = ["worker", "--concurrency", &concurrency, "--grace", "5"];
+        let config = self.config.as_ref().map(|p| p.display().to_string());
+        let mut args = Vec::new();
+        if let Some(path) = &config {
+            args.extend(["--config", path.as_str()]);
+        }
+        args.extend(["worker", "--concurrency", &concurrency, "--grace", "5"]);
         let name = format!("worker-{i}-{generation}");
         self.workers[i] = match &self.log_dir {
             Some(dir) => FanoutProcess::start_logged(

@@ -197,6 +197,17 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let ops_stop = CancellationToken::new();
             let ops = serve_ops(&config, args.metrics_addr, &ops_stop)?;
             let store = fanout_aggregator::Store::from_config(pool, &config);
+            // Reports finished per known template exist at 0 from the start (a template
+            // directory the API would refuse leaves the built-in ones).
+            let templates = fanout_producer::Templates::load(&config.reports.templates_dir)
+                .unwrap_or_else(|_| fanout_producer::Templates::builtin());
+            fanout_metrics::METRICS.zero_report_series(
+                &templates
+                    .names()
+                    .iter()
+                    .map(String::as_str)
+                    .collect::<Vec<_>>(),
+            );
             let options = fanout_aggregator::AggregatorOptions {
                 on_finished: Some(Arc::new(move |view: fanout_aggregator::ReportView| {
                     let m = &fanout_metrics::METRICS;

@@ -134,20 +134,28 @@ impl Metrics {
             .set(depth.oldest_ready_secs);
     }
 
-    /// Create at 0 the worker's series whose labels are known at start: per (key, model) the
-    /// budget's admissions, 429s and pauses; per lane the dead letters and releases; cache
-    /// hits and misses. A counter that first appears at its first event is invisible to
-    /// `rate()` for that event, and dashboards show "No data" instead of 0.
-    pub fn zero_worker_series(&self, keys: &[&str], models: &[&str]) {
+    /// Create at 0 the worker's series whose labels are known at start: per API key and model
+    /// family the budget's admissions, 429s and pauses; per lane the dead letters and
+    /// releases; cache hits and misses; per provider model (the default one) the 200 and 429
+    /// answers and the call latency; per tenant with a budget share its wait. A counter that
+    /// first appears at its first event is invisible to `rate()` for that event, and
+    /// dashboards show "No data" instead of 0.
+    pub fn zero_worker_series(
+        &self,
+        keys: &[&str],
+        families: &[&str],
+        models: &[&str],
+        tenants: &[&str],
+    ) {
         for key in keys {
-            for model in models {
+            for family in families {
                 for c in [
                     &self.budget_admissions,
                     &self.budget_admitted_tokens,
                     &self.budget_rate_limited,
                     &self.budget_pauses,
                 ] {
-                    c.with_label_values(&[key, model]);
+                    c.with_label_values(&[key, family]);
                 }
             }
         }
@@ -157,6 +165,17 @@ impl Metrics {
         }
         for result in ["hit", "miss"] {
             self.cache_requests.with_label_values(&[result]);
+        }
+        for model in models {
+            for status in ["200", "429"] {
+                self.llm_responses.with_label_values(&[model, status]);
+            }
+            for outcome in ["ok", "error"] {
+                self.llm_duration.with_label_values(&[model, outcome]);
+            }
+        }
+        for tenant in tenants {
+            self.budget_tenant_wait.with_label_values(&[tenant]);
         }
     }
 
@@ -172,6 +191,23 @@ impl Metrics {
     pub fn zero_template_series(&self, templates: &[&str]) {
         for t in templates {
             self.reports_submitted.with_label_values(&[t]);
+        }
+    }
+
+    /// Create at 0 the aggregator's reports finished per known template and final status, and
+    /// their durations: the first failed report is then an increase that `rate()` and the
+    /// unhealthy-share alert see.
+    pub fn zero_report_series(&self, templates: &[&str]) {
+        for t in templates {
+            for status in [
+                "completed",
+                "completed_with_failures",
+                "failed",
+                "cancelled",
+            ] {
+                self.reports_finished.with_label_values(&[t, status]);
+            }
+            self.report_duration.with_label_values(&[t]);
         }
     }
 

@@ -30,8 +30,8 @@
 --   block    = {wake, last id} when entries is empty and ARGV[10] = 1: every call that makes a
 --              job ready adds to the wake stream, so blocking there after this script misses
 --              nothing
---   dead     = { {payload, reason}, ... } of the entries dead-lettered for too many deliveries,
---              so the worker can record the failure where users see it
+--   dead     = { {payload, reason, stream}, ... } of the entries dead-lettered for too many
+--              deliveries, so the worker can record the failure where users see it
 
 local group, consumer = ARGV[1], ARGV[2]
 local remaining = tonumber(ARGV[3])
@@ -129,7 +129,7 @@ local function take_over(s, e)
       'dead_at', clock())
     redis.call('XACK', s, group, e[1])
     redis.call('XDEL', s, e[1])
-    dead[#dead + 1] = {f['p'] or '', reason}
+    dead[#dead + 1] = {f['p'] or '', reason, s}
   else
     out[#out + 1] = {s, e[1], n, e[2]}
     remaining = remaining - 1

@@ -93,8 +93,9 @@ pub(crate) struct Claimed {
     pub(crate) entries: usize,
     /// Where to block (stream, last id) when the script found nothing.
     pub(crate) block: Option<Vec<(String, String)>>,
-    /// Payloads (and reasons) the script dead-lettered for too many deliveries.
-    pub(crate) dead: Vec<(serde_json::Value, String)>,
+    /// Lanes, payloads and reasons of the jobs dead-lettered while claiming: for too many
+    /// deliveries, or undecodable (their payload is `null`).
+    pub(crate) dead: Vec<(Lane, serde_json::Value, String)>,
 }
 
 impl Queue {
@@ -397,13 +398,18 @@ impl Queue {
         if next_due >= -1 {
             self.inner.state.lock().unwrap().next_due_ms = u64::try_from(next_due).ok();
         }
-        let dead: Vec<(serde_json::Value, String)> = array(dead, "claim dead")?
+        let mut dead: Vec<(Lane, serde_json::Value, String)> = array(dead, "claim dead")?
             .into_iter()
-            .filter_map(|pair| {
-                let [payload, reason]: [Value; 2] =
-                    array(pair, "dead pair").ok()?.try_into().ok()?;
+            .filter_map(|entry| {
+                let [payload, reason, stream]: [Value; 3] =
+                    array(entry, "dead entry").ok()?.try_into().ok()?;
                 let payload = serde_json::from_str(&string(&payload).ok()?).unwrap_or_default();
-                Some((payload, string(&reason).ok()?))
+                let lane = self
+                    .inner
+                    .keys
+                    .parse_stream(&string(&stream).ok()?)
+                    .map_or(Lane::Batch, |(l, _)| l);
+                Some((lane, payload, string(&reason).ok()?))
             })
             .collect();
         if !dead.is_empty() {
@@ -420,7 +426,10 @@ impl Queue {
             let raw = RawEntry::parse(entry)?;
             match self.decode(&raw, consumer) {
                 Ok(d) => deliveries.push(d),
-                Err(reason) => self.dead_letter_raw(&raw, consumer, &reason).await?,
+                Err(reason) => {
+                    let lane = self.dead_letter_raw(&raw, consumer, &reason).await?;
+                    dead.push((lane, serde_json::Value::Null, reason));
+                }
             }
         }
         let block = if got_entries > 0 || !want_block {
@@ -488,12 +497,13 @@ impl Queue {
         })
     }
 
+    /// Dead-letter an entry that cannot be decoded; returns its lane.
     async fn dead_letter_raw(
         &self,
         raw: &RawEntry,
         consumer: &ConsumerId,
         reason: &str,
-    ) -> Result<()> {
+    ) -> Result<Lane> {
         tracing::warn!(stream = %raw.stream, entry = %raw.entry_id, reason, "undecodable entry dead-lettered");
         let lane = self
             .inner
@@ -523,7 +533,7 @@ impl Queue {
         };
         self.settle(&target, Settle::Dead { attempts, reason })
             .await
-            .map(|_| ())
+            .map(|_| lane)
     }
 
     /// Block until a stream in `block_on` gets an entry past the given id, or `timeout` passes.

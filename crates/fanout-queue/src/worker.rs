@@ -13,7 +13,7 @@ use tracing::Instrument;
 
 use crate::backoff::Reconnect;
 use crate::error::{Error, Result};
-use crate::job::{ConsumerId, Delivery, RetryOutcome};
+use crate::job::{ConsumerId, Delivery, Lane, RetryOutcome};
 use crate::queue::Queue;
 use crate::registry::{WorkerInfo, beat_every};
 
@@ -22,15 +22,18 @@ use crate::registry::{WorkerInfo, beat_every};
 pub trait Handler: Send + Sync + 'static {
     fn handle(&self, d: Delivery) -> impl Future<Output = Outcome> + Send;
 
-    /// The queue dead-lettered a job: its attempts ran out, it failed fatally, or it kept killing
-    /// its worker (then no handler ever settled it). The place to record the failure where users
-    /// look; called at least once per dead letter, so it must be idempotent.
+    /// The queue dead-lettered a job of `lane`: its attempts ran out, it failed fatally, it
+    /// kept killing its worker (then no handler ever settled it), or its entry could not be
+    /// decoded (then `payload` is `null`). The place to record the failure where users look;
+    /// called once by the process that moved the job, so a crash can skip it: what it records
+    /// must also be found by other means (the dead-letter stream keeps the reason).
     fn dead_lettered(
         &self,
+        lane: Lane,
         payload: serde_json::Value,
         reason: String,
     ) -> impl Future<Output = ()> + Send {
-        let _ = (payload, reason);
+        let _ = (lane, payload, reason);
         async {}
     }
 }
@@ -294,9 +297,9 @@ async fn claim_loop<H: Handler>(
         };
         backoff.reset();
         force_promote = false;
-        for (payload, reason) in claimed.dead {
+        for (lane, payload, reason) in claimed.dead {
             let handler = handler.clone();
-            tracker.spawn(async move { handler.dead_lettered(payload, reason).await });
+            tracker.spawn(async move { handler.dead_lettered(lane, payload, reason).await });
         }
         if !claimed.deliveries.is_empty() {
             for d in claimed.deliveries {
@@ -422,7 +425,9 @@ async fn run_job<H: Handler>(
         }
         other => {
             if let Some(reason) = settle(&shared, &d, other).await {
-                on_dead.dead_lettered(d.payload.clone(), reason).await;
+                on_dead
+                    .dead_lettered(d.lane, d.payload.clone(), reason)
+                    .await;
             }
             shared.forget(&d);
             drop(permit);

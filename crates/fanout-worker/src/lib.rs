@@ -56,7 +56,18 @@ pub async fn run(
         .iter()
         .map(|k| k.name.as_str())
         .collect();
-    fanout_metrics::METRICS.zero_worker_series(&keys, &[config.provider.default_model.as_str()]);
+    let default_model = config.provider.default_model.as_str();
+    let mut families = vec![fanout_core::config::model_family(default_model)];
+    families.extend(config.budget.models.keys().map(String::as_str));
+    families.sort_unstable();
+    families.dedup();
+    let tenants: Vec<&str> = config
+        .budget
+        .tenant_shares
+        .keys()
+        .map(String::as_str)
+        .collect();
+    fanout_metrics::METRICS.zero_worker_series(&keys, &families, &[default_model], &tenants);
     fanout_metrics::METRICS
         .concurrency_limit
         .set(i64::from(config.budget.max_concurrent_requests));

@@ -10,7 +10,7 @@ use fanout_llm::{
     CallError, ChatRequest, ChatResponse, LlmClient, PromptCalibration, ResponseCache, RetryPolicy,
 };
 use fanout_metrics::METRICS;
-use fanout_queue::{Delivery, Handler, NewJob, Outcome, Queue};
+use fanout_queue::{Delivery, Handler, Lane, NewJob, Outcome, Queue};
 use fanout_ratelimit::{AcquireRequest, Admission, Budget, Dimension, ProviderSignal};
 use tokio_util::sync::CancellationToken;
 
@@ -93,10 +93,10 @@ impl Handler for SectionHandler {
             }
         };
         let lane = d.lane.to_string();
-        METRICS.jobs_in_flight.inc();
+        let in_flight = InFlight::new();
         let started = Instant::now();
         let result = self.run(&job, &d, &lane).await;
-        METRICS.jobs_in_flight.dec();
+        drop(in_flight);
         match result {
             Ok((outcome, label)) => {
                 if let Some(section) = label {
@@ -119,7 +119,12 @@ impl Handler for SectionHandler {
 
     /// A dead-lettered section job (its worker kept dying, or our own infrastructure kept
     /// failing) fails its section with the reason, so the report still finishes.
-    async fn dead_lettered(&self, payload: serde_json::Value, reason: String) {
+    async fn dead_lettered(&self, lane: Lane, payload: serde_json::Value, reason: String) {
+        // Counted here, undecodable jobs included: the queue calls this once per job it moves.
+        METRICS
+            .jobs_dead_lettered
+            .with_label_values(&[lane.as_str()])
+            .inc();
         let Ok(job) = serde_json::from_value::<SectionJob>(payload) else {
             return; // undecodable: nothing to attribute it to; the dead letter keeps it
         };
@@ -148,6 +153,23 @@ impl Handler for SectionHandler {
                 }
             }
         }
+    }
+}
+
+/// Counts a job in `fanout_jobs_in_flight` while it lives: also a job the queue aborts at its
+/// timeout, whose handler future is dropped mid-await.
+struct InFlight;
+
+impl InFlight {
+    fn new() -> Self {
+        METRICS.jobs_in_flight.inc();
+        Self
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        METRICS.jobs_in_flight.dec();
     }
 }
 
@@ -316,6 +338,8 @@ impl SectionHandler {
                 return Ok((Outcome::Done, Some(section)));
             }
             let key = admission.key.clone();
+            // Budget series are per (key, model family), like the budget and its gauges.
+            let family = admission.family.clone();
             METRICS.budget_wait.observe(admission.waited.as_secs_f64());
             if self.deps.config.budget.tenant_shares.contains_key(&tenant) {
                 METRICS
@@ -325,11 +349,11 @@ impl SectionHandler {
             }
             METRICS
                 .budget_admissions
-                .with_label_values(&[key.as_str(), req.model.as_str()])
+                .with_label_values(&[key.as_str(), family.as_str()])
                 .inc();
             METRICS
                 .budget_admitted_tokens
-                .with_label_values(&[key.as_str(), req.model.as_str()])
+                .with_label_values(&[key.as_str(), family.as_str()])
                 .inc_by(estimate);
             let called = Instant::now();
             let result = self.deps.llm.call(&key, &req).await;
@@ -395,7 +419,7 @@ impl SectionHandler {
                     if err.kind == fanout_llm::ErrorKind::RateLimited {
                         METRICS
                             .budget_rate_limited
-                            .with_label_values(&[key.as_str(), req.model.as_str()])
+                            .with_label_values(&[key.as_str(), family.as_str()])
                             .inc();
                     }
                     // A 429 rate limit is not this section's failure: our budget ran ahead of the
@@ -596,7 +620,10 @@ impl SectionHandler {
     async fn feedback(&self, key: &str, model: &str, signal: ProviderSignal) {
         let paused = signal.status == 429 || signal.retry_after.is_some();
         match self.deps.budget.feedback(key, model, signal).await {
-            Ok(()) if paused => METRICS.budget_pauses.with_label_values(&[key, model]).inc(),
+            Ok(()) if paused => METRICS
+                .budget_pauses
+                .with_label_values(&[key, fanout_core::config::model_family(model)])
+                .inc(),
             Ok(()) => {}
             Err(e) => tracing::warn!(key, model, error = %e, "could not record provider feedback"),
         }
