@@ -10,19 +10,22 @@ cd "$(dirname "$0")/.."
 
 doc=docs/reliability.md
 log=$(mktemp)
-trap 'rm -f "$log"' EXIT
+block=$(mktemp)
+trap 'rm -f "$log" "$block"' EXIT
 
 started=$(date +%s)
 for t in chaos load; do
+  set +e
   FANOUT_SOAK=1 "${CARGO:-cargo}" test --release --locked -p fanout-cli --test "$t" \
     -- --nocapture --test-threads 1 2>&1 | tee -a "$log"
-  [ "${PIPESTATUS[0]}" -eq 0 ] || { echo "soak: $t failed; $doc not updated" >&2; exit 1; }
+  status=${PIPESTATUS[0]}
+  set -e
+  [ "$status" -eq 0 ] || { echo "soak: $t failed; $doc not updated" >&2; exit 1; }
 done
 minutes=$(( ($(date +%s) - started + 59) / 60 ))
 
 cpu=$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//')
 mem=$(awk '/MemTotal/ {printf "%.0f GiB", $2 / 1048576}' /proc/meminfo)
-block=$(mktemp)
 {
   echo "<!-- soak-figures: written by scripts/soak.sh (make soak); do not edit by hand -->"
   echo
@@ -41,5 +44,4 @@ awk -v block="$block" '
   !skip { print }
 ' "$doc" > "$doc.new"
 mv "$doc.new" "$doc"
-rm -f "$block"
 echo "soak: figures written to $doc"

@@ -19,7 +19,7 @@ const TOKEN: &str = "load-admin-token-0123456789";
 const RPM: &str = "30000";
 const TPM: &str = "150000000";
 /// Reports (and everything kept with them) are deleted this long after they finish.
-const TTL_SECS: u64 = 20;
+const TTL_SECS: u64 = 30;
 
 fn soak() -> bool {
     std::env::var("FANOUT_SOAK").is_ok_and(|v| v == "1")
@@ -288,7 +288,10 @@ fn bursts_of_reports_through_the_api_complete_and_leave_no_memory_behind() {
             *e = (*e).max(kib);
         }
         assert_eq!(statuses.get("completed"), Some(&per_round), "{statuses:?}");
-        assert_eq!(waiting(port), 0, "work left in the queue");
+        assert!(
+            wait_until(Duration::from_secs(10), || waiting(port) == 0),
+            "work left in the queue"
+        );
         total += per_round;
         let after = snapshot(&pids, &mut conn);
         eprintln!(
@@ -337,12 +340,13 @@ fn bursts_of_reports_through_the_api_complete_and_leave_no_memory_behind() {
         );
     }
 
-    // Redis: every key a report made goes with it (its own keys, its jobs' ids, its entry in
-    // the tenant's index); what is left is what was there before plus the few fixed keys a run
-    // creates (the lanes' streams, the budget's learned limits).
+    // Redis: every key a report made goes with it (its own keys, its entry in the tenant's
+    // index); what is left is what was there before, the few fixed keys a run creates (the
+    // lanes' streams, the budget's learned limits), and the queue's memory of job ids, which
+    // lasts 24 h whatever the report TTL (counted apart below).
     let of_reports = |keys: &[String]| -> Vec<String> {
         keys.iter()
-            .filter(|k| k.contains("{r:") || k.contains(":job:") || k.contains(":reports:"))
+            .filter(|k| k.contains("{r:") || k.contains(":reports:"))
             .cloned()
             .collect()
     };
@@ -357,10 +361,49 @@ fn bursts_of_reports_through_the_api_complete_and_leave_no_memory_behind() {
         left.len(),
         &left[..left.len().min(5)]
     );
-    let left: Vec<&String> = keys.iter().filter(|k| !before_keys.contains(k)).collect();
+    let left: Vec<&String> = keys
+        .iter()
+        .filter(|k| !before_keys.contains(k) && !k.contains(":job:"))
+        .collect();
+    // Redis deletes an expired key when it is touched, or when its sampling of keys with a TTL
+    // finds it; that sampling slows down once fewer than a tenth of those keys have expired,
+    // and the job ids (24 h) are most of them. What Redis holds then is measured as it is, and
+    // again after one SCAN of the keyspace (what any key listing does), which deletes every
+    // expired key it passes.
+    let (stale_used, stale_keys) = redis_memory(&mut conn);
+    let mut cursor = 0u64;
+    loop {
+        let (next, _): (u64, Vec<String>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("COUNT")
+            .arg(1000)
+            .query(&mut conn)
+            .unwrap();
+        if next == 0 {
+            break;
+        }
+        cursor = next;
+    }
     let (after_used, after_keys) = redis_memory(&mut conn);
     eprintln!(
-        "load: redis: {} keys and {} MiB before, peak {} MiB, {after_keys} keys and {} MiB after the TTL; {} new keys, such as {:?}",
+        "load: redis: after the TTL {stale_keys} keys and {} MiB before expired keys were swept, \
+         {after_keys} keys and {} MiB after one SCAN",
+        mib(stale_used / 1024),
+        mib(after_used / 1024)
+    );
+    let job_ids: Vec<&String> = keys.iter().filter(|k| k.contains(":job:")).collect();
+    let mut pipe = redis::pipe();
+    for k in &job_ids {
+        pipe.cmd("MEMORY").arg("USAGE").arg(*k);
+    }
+    let job_id_bytes: u64 = pipe
+        .query::<Vec<Option<u64>>>(&mut conn)
+        .unwrap()
+        .into_iter()
+        .flatten()
+        .sum();
+    eprintln!(
+        "load: redis: {} keys and {} MiB before, peak {} MiB, {after_keys} keys and {} MiB after the TTL; {} new keys besides the job ids, such as {:?}",
         before_keys.len(),
         mib(before_used / 1024),
         mib(peaks["redis"]),
@@ -368,10 +411,15 @@ fn bursts_of_reports_through_the_api_complete_and_leave_no_memory_behind() {
         left.len(),
         &left[..left.len().min(20)],
     );
+    eprintln!(
+        "load: redis: the queue remembers {} job ids for 24 h: {} MiB",
+        job_ids.len(),
+        mib(job_id_bytes / 1024)
+    );
     assert!(
-        after_used <= before_used + 4 * 1024 * 1024,
-        "redis holds {} MiB more than before the run",
-        mib((after_used - before_used) / 1024)
+        after_used.saturating_sub(job_id_bytes) <= before_used + 4 * 1024 * 1024,
+        "redis holds {} MiB more than before the run, besides the job ids",
+        mib(after_used.saturating_sub(job_id_bytes + before_used) / 1024)
     );
     eprintln!(
         "load: {total} reports in {rounds} burst(s) of {per_round}, {sections} provider calls, 0 × 429, all completed in {wall:.1?}; RSS MiB before / peak / drained / idle: {}",

@@ -3,7 +3,8 @@
 --
 -- KEYS[1..10]  the report keys (see lib.lua)
 -- KEYS[11]     the tenant's report index `{ns}:reports:<tenant>` (ZSET id -> created ms)
--- KEYS[12]     idempotency key `{ns}:idem:<tenant>:<key>` (present when ARGV[5] ~= "0")
+-- KEYS[12]     the set of every tenant index `{ns}:report-indexes` (what aggregators sweep)
+-- KEYS[13]     idempotency key `{ns}:idem:<tenant>:<key>` (present when ARGV[5] ~= "0")
 --
 -- ARGV[1..4]   ttl, events maxlen, notify maxlen, report id (see lib.lua)
 -- ARGV[5]      the request's fingerprint when an idempotency key is given, else "0"
@@ -19,7 +20,7 @@
 -- Idempotent: a repeated call with the same key or id changes nothing.
 
 if ARGV[5] ~= '0' then
-  local existing = redis.call('GET', KEYS[12])
+  local existing = redis.call('GET', KEYS[13])
   if existing then
     -- "<report id> <fingerprint>" (or a bare id, written before fingerprints).
     local id, fingerprint = string.match(existing, '^(%S+) (%S+)$')
@@ -74,12 +75,13 @@ for _, k in ipairs({ K_REMAINING, K_DEPENDENTS, K_FLAGS, K_RESULTS, K_INFO }) do
   redis.call('HSET', KEYS[k], '_', '')
 end
 if ARGV[5] ~= '0' then
-  redis.call('SET', KEYS[12], REPORT_ID .. ' ' .. ARGV[5], 'EX', TTL)
+  redis.call('SET', KEYS[13], REPORT_ID .. ' ' .. ARGV[5], 'EX', TTL)
 end
 redis.call('ZADD', KEYS[11], now, REPORT_ID)
--- Entries far older than any report can live (the TTL after finishing, plus a week of running)
--- go, so an index nobody lists does not grow without bound.
-redis.call('ZREMRANGEBYSCORE', KEYS[11], '-inf', now - (tonumber(TTL) + 7 * 86400) * 1000)
+redis.call('SADD', KEYS[12], KEYS[11])
+-- Entries far older than any report can live (running, then the TTL after finishing) go, so an
+-- index nobody lists or sweeps does not grow without bound.
+redis.call('ZREMRANGEBYSCORE', KEYS[11], '-inf', now - (RUNNING_TTL + tonumber(TTL)) * 1000)
 event('report.created', '', 'running', string.format('%d sections, %d ready', jobs, #ready - 2), now)
 touch(RUNNING_TTL)
 return ready

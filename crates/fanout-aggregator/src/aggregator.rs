@@ -177,12 +177,14 @@ impl Aggregator {
         }
         if self.last_sweep.is_none_or(|t| t.elapsed() >= SWEEP_EVERY) {
             self.last_sweep = Some(Instant::now());
-            let n = self.store.forget_expired(10_000).await?;
-            if n > 0 {
-                debug!(
+            // Housekeeping: a failure here must not hold up the notifications.
+            match self.store.forget_expired(10_000).await {
+                Ok(0) => {}
+                Ok(n) => debug!(
                     forgotten = n,
                     "expired reports forgotten by their tenant index"
-                );
+                ),
+                Err(e) => warn!(error = %e, "could not sweep the tenant indexes, will try again"),
             }
         }
 

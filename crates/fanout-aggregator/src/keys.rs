@@ -61,8 +61,14 @@ impl Keys {
         format!("{{{}}}:webhooks:dead", self.namespace)
     }
 
+    /// SET of every tenant's report index ([`Keys::tenant_reports`]), for the aggregators'
+    /// sweep of expired entries.
+    pub fn report_indexes(&self) -> String {
+        format!("{{{}}}:report-indexes", self.namespace)
+    }
+
     /// ZSET report id → created (ms since the epoch): a tenant's reports, newest last. Entries
-    /// of expired reports are removed when a listing meets them.
+    /// of expired reports are removed when a listing meets them, and by the aggregators' sweep.
     pub fn tenant_reports(&self, tenant: &str) -> String {
         format!("{{{}}}:reports:{tenant}", self.namespace)
     }

@@ -285,7 +285,8 @@ impl Store {
         }
 
         let mut inv = self.invocation(&self.scripts.create, &report_id);
-        inv.key(self.keys.tenant_reports(&r.tenant));
+        inv.key(self.keys.tenant_reports(&r.tenant))
+            .key(self.keys.report_indexes());
         if let Some(key) = &r.idempotency_key {
             inv.key(self.keys.idempotency(&r.tenant, key));
         }
@@ -948,49 +949,34 @@ impl Store {
         }
     }
 
-    /// Forget the index entries of reports that expired (their keys are gone), oldest first,
-    /// up to `max` per tenant; returns how many. Listing forgets them too, as it meets them;
-    /// this keeps the index of a tenant nobody lists from holding every deleted report's id
-    /// until the weekly prune at create. Any number of processes may run it at once.
+    /// Forget the index entries of reports that expired (their keys are gone), looking at the
+    /// oldest `max` entries of each tenant's index; returns how many. Listing forgets them too,
+    /// as it meets them; this keeps the index of a tenant nobody lists from holding every
+    /// deleted report's id until the prune at create. Reports expire in the order they finish,
+    /// not the order they were created, so live entries are paged past, not stopped at. Any
+    /// number of processes may run it at once.
     pub async fn forget_expired(&self, max: usize) -> Result<usize> {
         const BATCH: usize = 200;
         let mut conn = self.conn().await?;
-        let pattern = format!("{}*", self.keys.tenant_reports(""));
-        let mut indexes: Vec<String> = Vec::new();
-        let mut cursor = 0u64;
-        loop {
-            let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
-                .arg(cursor)
-                .arg("MATCH")
-                .arg(&pattern)
-                .arg("TYPE")
-                .arg("zset")
-                .arg("COUNT")
-                .arg(1000)
-                .query_async(&mut conn)
-                .await
-                .map_err(|e| self.broken(e))?;
-            indexes.extend(keys);
-            if next == 0 {
-                break;
-            }
-            cursor = next;
-        }
+        let indexes: Vec<String> = redis::cmd("SMEMBERS")
+            .arg(self.keys.report_indexes())
+            .query_async(&mut conn)
+            .await
+            .map_err(|e| self.broken(e))?;
         let mut forgotten = 0;
         for index in indexes {
-            let mut seen = 0;
-            while seen < max {
+            let mut offset = 0;
+            while offset < max {
                 let ids: Vec<String> = redis::cmd("ZRANGE")
                     .arg(&index)
-                    .arg(0)
-                    .arg(BATCH.min(max - seen) - 1)
+                    .arg(offset)
+                    .arg(offset + BATCH.min(max - offset) - 1)
                     .query_async(&mut conn)
                     .await
                     .map_err(|e| self.broken(e))?;
                 if ids.is_empty() {
                     break;
                 }
-                seen += ids.len();
                 let mut pipe = redis::pipe();
                 for id in &ids {
                     pipe.cmd("EXISTS").arg(self.keys.report(id).meta());
@@ -1007,8 +993,9 @@ impl Store {
                     .collect();
                 self.forget(&mut conn, &index, &gone).await?;
                 forgotten += gone.len();
-                // The oldest still exist: the rest are younger, and expire later.
-                if gone.len() < ids.len() {
+                // What was forgotten no longer takes a place in the index.
+                offset += ids.len() - gone.len();
+                if ids.len() < BATCH {
                     break;
                 }
             }

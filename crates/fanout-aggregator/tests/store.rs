@@ -578,10 +578,10 @@ async fn events_are_ordered_and_replayable_after_an_id() {
 #[tokio::test]
 async fn a_report_still_running_outlives_a_short_ttl_and_gets_it_when_it_finishes() {
     // A backlog longer than `reports.ttl_secs` must not delete the reports waiting in it.
-    let env = env_with_ttl(Duration::from_secs(1));
+    let env = env_with_ttl(Duration::from_secs(3));
     let c = env.store.create(diamond()).await.unwrap();
     let r = c.report_id.clone();
-    tokio::time::sleep(Duration::from_millis(2100)).await;
+    tokio::time::sleep(Duration::from_millis(3200)).await;
     assert_eq!(
         env.store.status(&r).await.unwrap(),
         Some(ReportStatus::Running)
@@ -596,7 +596,26 @@ async fn a_report_still_running_outlives_a_short_ttl_and_gets_it_when_it_finishe
         Some(ReportStatus::Completed)
     );
     let ttl: i64 = conn.ttl(&meta).unwrap();
-    assert!((0..=1).contains(&ttl), "finished, it has the TTL: {ttl}");
+    assert!((0..=3).contains(&ttl), "finished, it has the TTL: {ttl}");
+}
+
+#[tokio::test]
+async fn the_sweep_forgets_expired_reports_in_any_order_and_keeps_the_live_ones() {
+    let env = env_with_ttl(Duration::from_secs(3600));
+    let older = env.store.create(diamond()).await.unwrap().report_id;
+    let newer = env.store.create(diamond()).await.unwrap().report_id;
+    let third = env.store.create(diamond()).await.unwrap().report_id;
+    // The newest expired while an older one still runs (reports expire as they finish).
+    let mut c = env.redis.client().get_connection().unwrap();
+    for id in [&newer, &third] {
+        let _: () = c.del(env.store.keys().report(id).meta()).unwrap();
+    }
+    assert_eq!(env.store.forget_expired(1000).await.unwrap(), 2);
+    assert_eq!(env.store.forget_expired(1000).await.unwrap(), 0);
+    let indexes: Vec<String> = c.smembers(env.store.keys().report_indexes()).unwrap();
+    assert_eq!(indexes.len(), 1);
+    let left: Vec<String> = c.zrange(&indexes[0], 0, -1).unwrap();
+    assert_eq!(left, [older]);
 }
 
 #[tokio::test]

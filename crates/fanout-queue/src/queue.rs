@@ -112,13 +112,9 @@ impl Queue {
         }
     }
 
-    /// The queue of a Fanout deployment: `redis.namespace` and `queue` of `config`. A job id is
-    /// remembered for deduplication 24 h, or `reports.ttl_secs` when shorter: its report is
-    /// gone by then, and the report's own state refuses to run a finished job twice.
+    /// The queue of a Fanout deployment: `redis.namespace` and `queue` of `config`.
     pub fn from_config(pool: deadpool_redis::Pool, config: &fanout_core::Config) -> Self {
-        Self::new(pool, &config.redis.namespace, config.queue.clone()).with_idempotency_ttl(
-            Duration::from_secs(config.reports.ttl_secs).min(DEFAULT_IDEMPOTENCY_TTL),
-        )
+        Self::new(pool, &config.redis.namespace, config.queue.clone())
     }
 
     /// Change how long a job id is remembered for deduplication (default 24 h).

@@ -190,17 +190,6 @@ const CANCEL_CHECK: Duration = Duration::from_secs(1);
 /// cancelled meanwhile, before it calls the provider.
 const WAITED_LOOK_AGAIN: Duration = Duration::from_millis(50);
 
-/// How long after its job was enqueued a provider that cannot be reached costs no attempts.
-/// Outages last minutes; a provider that stays unreachable (a wrong base URL) then fails the
-/// section after its attempts, with the connection error as the reason.
-const UNREACHABLE_GRACE: Duration = Duration::from_secs(15 * 60);
-
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
-
 impl SectionHandler {
     /// Sleep `delay` before the next attempt, looking every [`CANCEL_CHECK`] whether the report
     /// was cancelled meanwhile: true if it was (stop; the job slot is free at once rather than
@@ -402,8 +391,19 @@ impl SectionHandler {
                     let limited = (signal_status == 429)
                         .then(|| limited_dimension(&err))
                         .flatten();
-                    let signal = signal(&admission, &err.headers, signal_status, limited);
-                    if err.status == Some(429) {
+                    let mut signal = signal(&admission, &err.headers, signal_status, limited);
+                    // A provider that cannot be reached (down, or a network outage) served and
+                    // billed nothing, and no other call will reach it either: every process
+                    // pauses the key (1 s, doubling while this delivery keeps failing), so an
+                    // outage costs a few calls instead of every job's attempts.
+                    let outage = err.unreached.then(|| {
+                        unreached += 1;
+                        Duration::from_secs(1 << (unreached - 1).min(5))
+                    });
+                    if let Some(pause) = outage {
+                        signal.retry_after = signal.retry_after.or(Some(pause));
+                    }
+                    if err.status == Some(429) || err.unreached {
                         // Refused, not served: the provider counted none of it. Given back
                         // first, so that the 429's feedback empties the budget after it.
                         self.deps.budget.settle_refused(admission).await?;
@@ -427,28 +427,27 @@ impl SectionHandler {
                     // attempt; its wait counts as budget wait, and past `max_wait_secs` the job
                     // goes back to the queue, as when admission takes too long.
                     let rate_limited = err.kind == fanout_llm::ErrorKind::RateLimited;
-                    // A provider that cannot be reached (down, or a network outage) served and
-                    // billed nothing: no attempt is spent while the job is younger than
-                    // UNREACHABLE_GRACE. Every process pauses the key (1 s, doubling to 30 s
-                    // while it lasts), so an outage costs a few calls, not every job's
-                    // attempts; past `max_wait_secs` the job goes back to the queue.
-                    let outage = err.unreached
-                        && now_ms().saturating_sub(d.enqueued_at_ms)
-                            < UNREACHABLE_GRACE.as_millis() as u64;
-                    let delay = if outage {
-                        unreached += 1;
-                        let delay = Duration::from_secs(1 << (unreached - 1).min(5))
-                            .min(Duration::from_secs(30));
-                        let pause = ProviderSignal {
-                            retry_after: Some(delay),
-                            ..ProviderSignal::default()
-                        };
-                        self.feedback(&key, &req.model, pause).await;
+                    // A call that found the provider unreachable spends no attempt; once this
+                    // delivery has waited out the outage for `max_wait_secs`, it goes back to
+                    // the queue as a retry, which counts one attempt of the job: an outage of
+                    // about `max_attempts` × `max_wait_secs` is ridden out, and a provider that
+                    // stays unreachable (a wrong base URL) fails the section with the
+                    // connection error as its reason.
+                    let delay = if let Some(delay) = outage {
                         let since = *unreached_since.get_or_insert_with(Instant::now);
                         if since.elapsed() + delay > max_wait {
-                            METRICS.jobs_released.with_label_values(&[lane]).inc();
                             tracing::debug!(report = %job.report_id, job = %job.job_id, "provider unreachable too long, handing the job back");
-                            return Ok((Outcome::Release { delay }, Some(section)));
+                            return Ok((
+                                Outcome::Retry {
+                                    error: format!(
+                                        "provider unreachable for {} s: {}",
+                                        since.elapsed().as_secs(),
+                                        err.message
+                                    ),
+                                    retry_after: Some(delay),
+                                },
+                                Some(section),
+                            ));
                         }
                         Some(delay)
                     } else if rate_limited {
@@ -481,7 +480,7 @@ impl SectionHandler {
                             if self.back_off(&job.report_id, delay).await? {
                                 return Ok((Outcome::Done, Some(section)));
                             }
-                            if rate_limited || outage {
+                            if rate_limited || outage.is_some() {
                                 attempt -= 1;
                             }
                         }
