@@ -342,6 +342,14 @@ async fn memory(
     )?;
     let pid = child.id().context("worker pid")?;
     let (store, producer) = producer_for(&env)?;
+    // Idle once the worker is up (its tokenizer built: on a busy machine that takes longer than
+    // the fixed pause alone, and the build's transient tables would count as idle).
+    let ready_by = Instant::now() + Duration::from_secs(30);
+    while scrape_gauge(metrics_port, "fanout_worker_up").await != Some(1.0)
+        && Instant::now() < ready_by
+    {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let idle_rss = {
         tokio::time::sleep(Duration::from_millis(500)).await;
         rss_kib(pid).unwrap_or(0)
