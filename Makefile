@@ -41,16 +41,14 @@ api-clients: ## generate Python and TypeScript clients from the OpenAPI document
 fmt: ## format the code
 	$(CARGO) fmt --all
 
-bench: build ## measure: report scheduling, shared budget, queue and budget-script benchmarks
+bench: build ## measure everything but BullMQ and rewrite BENCHMARKS.md (~30 min; BENCH="queue memory" for some)
 	@scripts/install-deps.sh --demo
-	$(BIN) bench
-	$(CARGO) run --release --locked -p fanout-queue --example queue_bench
-	$(CARGO) run --release --locked -p fanout-ratelimit --example budget_bench
+	CARGO="$(CARGO)" scripts/bench.sh $(BENCH)
 
 .PHONY: bench-bullmq
-bench-bullmq: ## queue_bench and BullMQ side by side on one private redis-server (needs node + npm)
+bench-bullmq: ## the queue against BullMQ, 3 runs side by side on one redis-server, into BENCHMARKS.md (needs node, npm)
 	@scripts/install-deps.sh --demo
-	bench/bullmq/run.sh 50000 64
+	CARGO="$(CARGO)" bench/bullmq/run.sh 50000 64 3
 
 sim: build ## run the simulated provider on 127.0.0.1:8089
 	$(BIN) sim --listen 127.0.0.1:8089

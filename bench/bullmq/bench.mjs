@@ -114,7 +114,7 @@ async function main() {
     );
   }
   console.log();
-  for (const b of breakdowns) console.log(b);
+  for (const b of breakdowns) console.log(`- ${b}`);
   await monitor.quit();
 }
 

@@ -7,6 +7,10 @@
 //! 2. Shared budget (`bench_budget`): a matrix of the provider's enforcement shape × worker
 //!    processes × the limit that binds × what the budget was told: 429s, 429s per success, the
 //!    share of the real limit used while there is a backlog, and how soon the 429s stop.
+//! 3. Worker memory: the resident memory of one `fanout worker` idle and with `--in-flight`
+//!    provider calls in flight.
+//!
+//! The output is markdown; `scripts/bench.sh` writes each part into BENCHMARKS.md.
 
 use std::collections::{BTreeMap, HashMap};
 use std::process::ExitCode;
@@ -338,6 +342,14 @@ async fn memory(
     )?;
     let pid = child.id().context("worker pid")?;
     let (store, producer) = producer_for(&env)?;
+    // Idle once the worker is up (its tokenizer built: on a busy machine that takes longer than
+    // the fixed pause alone, and the build's transient tables would count as idle).
+    let ready_by = Instant::now() + Duration::from_secs(30);
+    while scrape_gauge(metrics_port, "fanout_worker_up").await != Some(1.0)
+        && Instant::now() < ready_by
+    {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let idle_rss = {
         tokio::time::sleep(Duration::from_millis(500)).await;
         rss_kib(pid).unwrap_or(0)
@@ -378,6 +390,12 @@ async fn memory(
         idle_rss as f64 / 1024.0,
         peak_rss as f64 / 1024.0
     );
+    if peak_in_flight > 0 {
+        println!(
+            "Each call in flight adds about {:.0} KiB ((RSS at peak − RSS idle) / calls in flight).\n",
+            peak_rss.saturating_sub(idle_rss) as f64 / peak_in_flight as f64
+        );
+    }
     Ok(())
 }
 

@@ -121,17 +121,18 @@ pub(crate) async fn run(
         "## Shared budget ({} persona calls per run; requests bind at {} RPM, tokens at {} TPM)\n",
         args.budget_calls, args.budget_rpm, args.budget_tpm
     );
+    // Every run's row as it finishes (the matrix takes a while), folded away in the markdown;
+    // the summary per shape and binding limit follows it.
+    println!("<details><summary>every run</summary>\n");
     println!(
         "| provider's shape | worker processes | binding | budget told | calls | 429s | 429s per success | real limit used while backlogged | 429s stop after |"
     );
     println!("| --- | ---: | --- | --- | ---: | ---: | ---: | ---: | ---: |");
+    let mut summary: Vec<Summary> = Vec::new();
     for &&(shape, limit_shape, window) in &shapes {
         for &processes in &args.budget_processes {
             for binding in [Binding::Requests, Binding::Tokens] {
-                let name = match binding {
-                    Binding::Requests => "requests",
-                    Binding::Tokens => "tokens",
-                };
+                let name = binding_name(binding);
                 if args.budget_binding.as_deref().is_some_and(|b| b != name) {
                     continue;
                 }
@@ -147,10 +148,19 @@ pub(crate) async fn run(
                     };
                     let outcome = measure(args, &cell, redis_url, shutdown).await?;
                     print_row(&cell, &outcome);
+                    match summary
+                        .iter_mut()
+                        .find(|s| s.shape == shape && s.binding == binding)
+                    {
+                        Some(s) => s.add(&outcome),
+                        None => summary.push(Summary::new(shape, binding, &outcome)),
+                    }
                 }
             }
         }
     }
+    println!("\n</details>\n");
+    print_summary(&summary);
     println!(
         "\nA provider that advertises its limits (`x-ratelimit-limit-*`). \"Used\" is the binding limit's share taken between the first admission (or the last 429, when there were any) and the backlog's last persona call (a summary, many times its size, comes after its panel); \"429s stop after\" is the time from the first call to the last 429.\n"
     );
@@ -180,15 +190,81 @@ pub(crate) async fn run(
     Ok(())
 }
 
+/// The runs of one provider's shape and binding limit, folded together.
+struct Summary {
+    shape: &'static str,
+    binding: Binding,
+    runs: usize,
+    successes: usize,
+    refused: usize,
+    least_used: f64,
+}
+
+impl Summary {
+    fn new(shape: &'static str, binding: Binding, o: &Outcome) -> Self {
+        Self {
+            shape,
+            binding,
+            runs: 1,
+            successes: o.successes,
+            refused: o.refused,
+            least_used: o.used,
+        }
+    }
+
+    fn add(&mut self, o: &Outcome) {
+        self.runs += 1;
+        self.successes += o.successes;
+        self.refused += o.refused;
+        self.least_used = self.least_used.min(o.used);
+    }
+}
+
+/// One row per shape and binding limit ("least used" is the worst of its runs), then the total.
+fn print_summary(summary: &[Summary]) {
+    println!(
+        "| provider's shape | binding | runs (worker processes × what the budget was told) | 429s | calls | least of the real limit used while backlogged |"
+    );
+    println!("| --- | --- | ---: | ---: | ---: | ---: |");
+    for s in summary {
+        println!(
+            "| {} | {} | {} | {} | {} | {:.1}% |",
+            s.shape,
+            binding_name(s.binding),
+            s.runs,
+            s.refused,
+            s.successes,
+            s.least_used * 100.0
+        );
+    }
+    let runs: usize = summary.iter().map(|s| s.runs).sum();
+    let refused: usize = summary.iter().map(|s| s.refused).sum();
+    let least = summary
+        .iter()
+        .map(|s| s.least_used)
+        .fold(f64::INFINITY, f64::min);
+    if runs > 0 {
+        println!(
+            "\nAll {runs} runs: {refused} × 429 in total; every run used at least {:.1}% of the real limit while backlogged (the schedule runs at {:.0}%: `budget.headroom`).",
+            least * 100.0,
+            (1.0 - fanout_core::config::BudgetConfig::default().headroom) * 100.0
+        );
+    }
+}
+
+fn binding_name(binding: Binding) -> &'static str {
+    match binding {
+        Binding::Requests => "requests",
+        Binding::Tokens => "tokens",
+    }
+}
+
 fn print_row(cell: &Cell, o: &Outcome) {
     println!(
         "| {} | {} | {} | {} | {} | {} | {:.3} | {:.1}% | {:.1} s |",
         cell.shape,
         cell.processes,
-        match cell.binding {
-            Binding::Requests => "requests",
-            Binding::Tokens => "tokens",
-        },
+        binding_name(cell.binding),
         cell.told.label(),
         o.successes,
         o.refused,

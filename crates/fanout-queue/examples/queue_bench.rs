@@ -149,7 +149,7 @@ async fn main() -> anyhow::Result<()> {
 
     println!();
     for b in &breakdowns {
-        println!("{b}");
+        println!("- {b}");
     }
 
     // Latency of an idle worker: one job at a time, from just before enqueue to handler start.

@@ -5,7 +5,8 @@
 //! Phase 1 runs only the admission script (each lease then removed with a plain ZREM) from TASKS
 //! concurrent tasks with a budget too large to bind; phase 2 runs acquire + settle, the two
 //! script calls a worker makes per LLM call. Redis time comes from `INFO commandstats`
-//! (`usec_per_call` of EVALSHA), reset before each phase.
+//! (`usec_per_call` of EVALSHA), reset before each phase. Both phases run twice, alternating.
+//! The output is markdown (`scripts/bench.sh budget-script` writes it into BENCHMARKS.md).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -39,9 +40,10 @@ async fn main() -> anyhow::Result<()> {
     let budget = Budget::new(pool, "bench", config, vec!["k1".into(), "k2".into()]);
     let mut admin = redis.client().get_connection()?;
     println!(
-        "tasks={tasks} seconds={seconds} keys=2 (redis-server on 127.0.0.1:{})",
-        redis.port()
+        "budget_bench: {tasks} tasks, {seconds} s per phase, 2 keys, a private redis-server\n"
     );
+    println!("| phase | admissions/s | script calls/s | Redis µs per script call |");
+    println!("|---|---:|---:|---:|");
 
     // Calibration: the cheapest script, so the numbers below can be read against this machine.
     {
@@ -50,7 +52,8 @@ async fn main() -> anyhow::Result<()> {
             .query::<()>(&mut admin)?;
         let conn = redis.client().get_multiplexed_async_connection().await?;
         let script = redis::Script::new("return redis.call('TIME')");
-        let deadline = Instant::now() + Duration::from_secs(2);
+        let started = Instant::now();
+        let deadline = started + Duration::from_secs(2);
         let mut set = tokio::task::JoinSet::new();
         for _ in 0..tasks {
             let (mut conn, script) = (conn.clone(), script.clone());
@@ -64,16 +67,15 @@ async fn main() -> anyhow::Result<()> {
         while let Some(r) = set.join_next().await {
             r??;
         }
-        let info: String = redis::cmd("INFO").arg("commandstats").query(&mut admin)?;
-        let line = info
-            .lines()
-            .find(|l| l.starts_with("cmdstat_evalsha:"))
-            .unwrap_or("");
-        println!("  baseline (TIME only): {line}");
+        let (calls, per_call) = evalsha_stats(&mut admin)?;
+        println!(
+            "| baseline: a script that only reads `TIME` | – | {:.0} | {per_call} |",
+            calls / started.elapsed().as_secs_f64()
+        );
     }
 
     let plain = redis.client().get_multiplexed_async_connection().await?;
-    for settle in [true, false, true, false] {
+    for (i, settle) in [true, false, true, false].into_iter().enumerate() {
         redis::cmd("CONFIG")
             .arg("RESETSTAT")
             .query::<()>(&mut admin)?;
@@ -108,23 +110,17 @@ async fn main() -> anyhow::Result<()> {
         }
         let elapsed = started.elapsed().as_secs_f64();
         let n = count.load(Ordering::Relaxed);
-        let info: String = redis::cmd("INFO").arg("commandstats").query(&mut admin)?;
-        let evalsha = info
-            .lines()
-            .find(|l| l.starts_with("cmdstat_evalsha:"))
-            .unwrap_or("cmdstat_evalsha: none");
-        let per_call = evalsha
-            .split(',')
-            .find_map(|f| f.strip_prefix("usec_per_call="))
-            .unwrap_or("?");
+        let (calls, per_call) = evalsha_stats(&mut admin)?;
         let phase = if settle {
-            "acquire+settle"
+            "acquire + settle"
         } else {
             "acquire only"
         };
         println!(
-            "{phase:>15}: {n} admissions in {elapsed:.2} s = {:.0}/s; redis evalsha {per_call} us/call ({evalsha})",
-            n as f64 / elapsed
+            "| {phase} (run {}) | {:.0} | {:.0} | {per_call} |",
+            i / 2 + 1,
+            n as f64 / elapsed,
+            calls / elapsed
         );
         if !settle {
             redis::cmd("DEL")
@@ -132,5 +128,24 @@ async fn main() -> anyhow::Result<()> {
                 .query::<()>(&mut admin)?;
         }
     }
+    println!(
+        "\n\"acquire only\" is the admission script alone (each lease then removed with a plain ZREM); \"acquire + settle\" averages the two script calls a worker makes per provider call. The baseline, the cheapest script there is, shows what this machine's Redis pays for any script call."
+    );
     Ok(())
+}
+
+/// EVALSHA's `calls` and `usec_per_call` in `INFO commandstats` since the last reset.
+fn evalsha_stats(admin: &mut redis::Connection) -> anyhow::Result<(f64, String)> {
+    let info: String = redis::cmd("INFO").arg("commandstats").query(admin)?;
+    let line = info
+        .lines()
+        .find(|l| l.starts_with("cmdstat_evalsha:"))
+        .unwrap_or("");
+    let field = |name: &str| {
+        line.split([':', ','])
+            .find_map(|f| f.strip_prefix(name))
+            .map(str::to_owned)
+    };
+    let calls = field("calls=").and_then(|c| c.parse().ok()).unwrap_or(0.0);
+    Ok((calls, field("usec_per_call=").unwrap_or_else(|| "?".into())))
 }

@@ -6,6 +6,8 @@
 //!
 //! `cargo run --release -p fanout-ratelimit --example waiting_room [-- PROCESSES WAITERS SECONDS RPM]`
 //! (defaults: 8 processes, 4,000 waiters, 20 s, 30,000 RPM: the largest plan)
+//!
+//! The output is markdown (`scripts/bench.sh waiting-room` writes it into BENCHMARKS.md).
 
 use std::process::{Command, Stdio};
 use std::sync::Arc;
@@ -63,8 +65,7 @@ fn main() -> anyhow::Result<()> {
         .arg("RESETSTAT")
         .query::<()>(&mut admin)?;
     println!(
-        "processes={processes} waiters={waiters} seconds={seconds} rpm={rpm} (redis-server on 127.0.0.1:{})",
-        redis.port()
+        "waiting_room: {processes} processes, {waiters} waiting callers, one budget of {rpm} RPM, {seconds} s, a private redis-server\n"
     );
     let started = Instant::now();
     let children: Vec<_> = (0..processes)
@@ -115,24 +116,38 @@ fn main() -> anyhow::Result<()> {
     };
     // Each process counts what it admitted within its `seconds`; the wall time also holds the
     // processes' start and the last callers' wait past the end.
+    let limit = rpm as f64 / 60.0;
+    let us = |v: Option<f64>| v.map_or("?".to_owned(), |v| format!("{v:.0}"));
+    let ms = |v: Option<u64>| v.map_or("?".to_owned(), |v| v.to_string());
+    println!("| measure | value |");
+    println!("|---|---:|");
     println!(
-        "admissions: {admitted} in {seconds} s = {:.0}/s against a limit of {:.0}/s ({elapsed:.1} s wall)",
-        admitted as f64 / seconds as f64,
-        rpm as f64 / 60.0
+        "| admissions per second (limit {limit:.0}, paced at {:.0}) | {:.0} |",
+        limit * (1.0 - config(rpm).headroom),
+        admitted as f64 / seconds as f64
     );
     println!(
-        "redis: {calls:.0} script calls, acquire and settle ({:.2} per admission), {:.0} us of script time per admission, {:.1}% of one core over the wall time",
-        calls / admitted.max(1) as f64,
-        usec / admitted.max(1) as f64,
+        "| script calls per admission (acquire + settle) | {:.2} |",
+        calls / admitted.max(1) as f64
+    );
+    println!(
+        "| Redis script time per admission | {:.0} µs |",
+        usec / admitted.max(1) as f64
+    );
+    println!(
+        "| Redis CPU (script time over {elapsed:.1} s of wall time) | {:.1}% of one core |",
         usec / 1e6 / elapsed * 100.0
     );
     println!(
-        "script latency (INFO latencystats, evalsha): p50 {p50:?} us, p99 {p99:?} us, p99.9 {p999:?} us"
+        "| script latency p50 / p99 / p99.9 (`INFO latencystats`, EVALSHA) | {} / {} / {} µs |",
+        us(p50),
+        us(p99),
+        us(p999)
     );
     println!(
-        "a caller's wait for its turn: p50 {:?} ms, p99 {:?} ms",
-        pct(0.5),
-        pct(0.99)
+        "| a caller's wait for its turn, p50 / p99 | {} / {} ms |",
+        ms(pct(0.5)),
+        ms(pct(0.99))
     );
     Ok(())
 }
