@@ -146,17 +146,7 @@ fn workers_killed_and_restarted_all_the_time_lose_nothing_and_run_nothing_twice_
     let deadline = Instant::now() + Duration::from_secs(if soak() { 1800 } else { 150 });
     loop {
         let s = status(&api);
-        let waiting: u64 = s["lanes"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|l| {
-                l["ready"].as_u64().unwrap_or(0)
-                    + l["in_flight"].as_u64().unwrap_or(0)
-                    + l["delayed"].as_u64().unwrap_or(0)
-            })
-            .sum();
-        if waiting == 0 {
+        if fanout_system_tests::queued(&s) == 0 {
             break;
         }
         assert!(Instant::now() < deadline, "work still queued: {s}");

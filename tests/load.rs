@@ -175,17 +175,7 @@ fn burst(port: u16, n: usize, offset: usize) -> Vec<String> {
 fn waiting(port: u16) -> u64 {
     let (code, body) = http_get_as(port, "/v1/status", TOKEN);
     assert_eq!(code, 200, "{body}");
-    let s: Value = serde_json::from_str(&body).unwrap();
-    s["lanes"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|l| {
-            l["ready"].as_u64().unwrap_or(0)
-                + l["in_flight"].as_u64().unwrap_or(0)
-                + l["delayed"].as_u64().unwrap_or(0)
-        })
-        .sum()
+    fanout_system_tests::queued(&serde_json::from_str(&body).unwrap())
 }
 
 /// Wait (bounded) until every report is final, looking at each (as a client would) until it

@@ -221,6 +221,21 @@ impl Cluster {
     }
 }
 
+/// Jobs ready, in flight or delayed, over every lane of a `GET /v1/status` (or
+/// `fanout status --json`) answer.
+pub fn queued(status: &serde_json::Value) -> u64 {
+    status["lanes"]
+        .as_array()
+        .expect("lanes")
+        .iter()
+        .map(|l| {
+            l["ready"].as_u64().unwrap_or(0)
+                + l["in_flight"].as_u64().unwrap_or(0)
+                + l["delayed"].as_u64().unwrap_or(0)
+        })
+        .sum()
+}
+
 /// The value of the first sample of `series` whose line contains every label in `labels`.
 pub fn sample(text: &str, series: &str, labels: &[&str]) -> Option<f64> {
     text.lines()
