@@ -3,7 +3,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 BIN := $(or $(CARGO_TARGET_DIR),target)/release/fanout
 
-.PHONY: help deps build demo test soak lint api-fuzz api-clients fmt clippy bench sim clean
+.PHONY: help deps build demo test test-cluster soak lint api-fuzz api-clients fmt clippy bench sim clean
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -20,6 +20,10 @@ demo: build ## run a startup report and a 20-persona panel end to end on the sim
 
 test: deps ## run every test (each test starts its own redis-server)
 	$(CARGO) test --locked --workspace
+
+test-cluster: deps ## the queue, budget and aggregator crates and the whole-system scenarios again, on a local 3-master Redis Cluster per test
+	FANOUT_TEST_REDIS=cluster $(CARGO) test --locked -p fanout-queue -p fanout-ratelimit -p fanout-aggregator -p fanout-producer -p fanout-worker
+	FANOUT_TEST_REDIS=cluster $(CARGO) test --locked -p fanout-cli --test reports --test operate --test budget --test metrics --test failover
 
 soak: deps ## the fault and load suites at soak size (release build, under 30 min); writes the figures into docs/reliability.md
 	CARGO=$(CARGO) scripts/soak.sh

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what `make demo`, `make test` and `make api-clients` need beyond the Rust toolchain:
-# redis-server (every test starts its own), promtool (Debian's `prometheus` package; the metrics
+# redis-server (every test starts its own) and redis-cli (`--cluster create` makes the tests'
+# local Redis Clusters), promtool (Debian's `prometheus` package; the metrics
 # test checks the exposition with it) and openssl (the TLS test's certificate); with --clients,
 # python3's venv, node and npm (scripts/generated-clients.sh generates and runs API clients) and
 # curl; Debian's chromium and chromium-driver (the web UI's test drives a real headless browser);
@@ -20,6 +21,7 @@ if [ "$mode" = --lint ]; then
 fi
 missing=()
 command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
+command -v redis-cli >/dev/null 2>&1 || missing+=(redis-tools)
 case "$mode" in
   --demo) ;;
   --clients)

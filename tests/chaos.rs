@@ -509,37 +509,20 @@ fn aggregator_and_api_killed_mid_run_lose_no_submit_report_or_webhook() {
             cluster.aggregator = FanoutProcess::start("aggregator", &["aggregator"], &cluster.env);
         }
         let key = format!("order-{i}");
-        let deadline = Instant::now() + Duration::from_secs(30);
         // The client retries with its idempotency key until it gets an answer.
-        let id = loop {
-            let (code, out, _) = run_fanout(
-                &[
-                    "--api",
-                    &api,
-                    "--token",
-                    ADMIN,
-                    "submit",
-                    "--template",
-                    "startup-report",
-                    "--input",
-                    STARTUP,
-                    "--idempotency-key",
-                    &key,
-                    "--callback-url",
-                    &callback,
-                ],
-                &[],
-            );
-            if code == 0 {
-                break out.lines().next().unwrap().trim().to_owned();
-            }
-            retries += 1;
-            assert!(Instant::now() < deadline, "submit {i} never accepted");
-            if !api_process.is_running() {
-                api_process = start_api(&cluster.env);
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        };
+        let (id, tries) = fanout_system_tests::submit_until_accepted(
+            &api,
+            ADMIN,
+            &key,
+            &["--callback-url", &callback],
+            Duration::from_secs(30),
+            || {
+                if !api_process.is_running() {
+                    api_process = start_api(&cluster.env);
+                }
+            },
+        );
+        retries += tries;
         ids.insert(key, id);
     }
     let list: Vec<String> = ids.values().cloned().collect();
@@ -927,7 +910,7 @@ fn poison_and_bad_input_end_in_a_clear_error_or_a_dead_letter_and_no_process_exi
 
     // Poison in the queue: entries no worker can decode, written straight into the stream the
     // reports' jobs use, between real jobs.
-    let mut conn = cluster.redis.client().get_connection().unwrap();
+    let mut conn = cluster.redis.conn();
     let streams: Vec<String> = redis::cmd("KEYS")
         .arg("{systest:queue}:stream:*")
         .query(&mut conn)

@@ -257,7 +257,7 @@ fn invalid_templates_and_inputs_are_rejected_with_the_problem_named_and_nothing_
             "{args:?}: expected `{expected}` in: {err}"
         );
     }
-    let mut conn = cluster.redis.client().get_connection().unwrap();
+    let mut conn = cluster.redis.conn();
     let keys: Vec<String> = redis::cmd("KEYS").arg("*").query(&mut conn).unwrap();
     // The aggregator's (empty) notification stream exists from its start; nothing else may.
     let written: Vec<&String> = keys.iter().filter(|k| *k != "{systest}:events").collect();

@@ -46,6 +46,9 @@ pub struct ClusterSpec {
     /// A config file (`--config`) for the workers and the aggregator: what environment
     /// variables cannot set, such as `[budget_tenants]`.
     pub config: Option<std::path::PathBuf>,
+    /// Run on a local Redis Cluster of 3 masters with this many replicas each and this
+    /// `cluster-node-timeout` (ms), whatever `FANOUT_TEST_REDIS` says.
+    pub redis_cluster: Option<(usize, u64)>,
 }
 
 impl Default for ClusterSpec {
@@ -60,19 +63,26 @@ impl Default for ClusterSpec {
             log_dir: None,
             redis_password: None,
             config: None,
+            redis_cluster: None,
         }
     }
 }
 
 impl Cluster {
     pub fn start(spec: ClusterSpec) -> Self {
-        let redis = if spec.redis_aof {
+        let redis = if let Some((replicas, node_timeout_ms)) = spec.redis_cluster {
+            RedisServer::on_cluster(fanout_test_support::RedisCluster::start_with(
+                3,
+                replicas,
+                node_timeout_ms,
+            ))
+        } else if spec.redis_aof {
             RedisServer::start_aof()
         } else {
             RedisServer::start()
         };
         if let Some(pw) = &spec.redis_password {
-            let mut c = redis.client().get_connection().expect("redis");
+            let mut c = redis.conn();
             let _: () = redis::cmd("CONFIG")
                 .arg("SET")
                 .arg("requirepass")
@@ -218,6 +228,49 @@ impl Cluster {
         let (status, body) = http_get(self.sim_port, "/sim/stats");
         assert_eq!(status, 200, "sim stats: {body}");
         serde_json::from_str(&body).expect("stats json")
+    }
+}
+
+/// Submit a startup report through the API (`fanout --api … submit`) with `key` as its
+/// idempotency key and `extra` arguments, retrying a refused or failed submit with the same key,
+/// as a client does, until it is accepted or `timeout` passes (a panic). `between` runs before
+/// each retry (to restart a killed API, say). Returns the report id and the number of retries.
+pub fn submit_until_accepted(
+    api: &str,
+    token: &str,
+    key: &str,
+    extra: &[&str],
+    timeout: Duration,
+    mut between: impl FnMut(),
+) -> (String, usize) {
+    let deadline = std::time::Instant::now() + timeout;
+    let mut args = vec![
+        "--api",
+        api,
+        "--token",
+        token,
+        "submit",
+        "--template",
+        "startup-report",
+        "--input",
+        "config/examples/startup-report.json",
+        "--idempotency-key",
+        key,
+    ];
+    args.extend_from_slice(extra);
+    let mut retries = 0;
+    loop {
+        let (code, out, err) = run_fanout(&args, &[]);
+        if code == 0 {
+            return (out.lines().next().unwrap_or("").trim().to_owned(), retries);
+        }
+        retries += 1;
+        assert!(
+            std::time::Instant::now() < deadline,
+            "submit {key} never accepted: {err}"
+        );
+        between();
+        std::thread::sleep(Duration::from_millis(100));
     }
 }
 

@@ -92,9 +92,7 @@ async fn main() {
     let concurrency = args.get(2).copied().unwrap_or(32);
 
     let redis = RedisServer::start();
-    let pool = deadpool_redis::Config::from_url(redis.url())
-        .create_pool(Some(deadpool_redis::Runtime::Tokio1))
-        .unwrap();
+    let pool = fanout_test_support::redis_pool(&redis.url());
     let store = Store::new(pool, "bench", Duration::from_secs(3600));
     let template = Template::from_toml("panel.toml", PANEL).unwrap();
     let people: Vec<Value> = (0..personas)

@@ -1,9 +1,9 @@
 -- Cancel a running report: every job that is not terminal becomes cancelled, the report's
--- final status is "cancelled", and the aggregators are notified.
+-- final status is "cancelled" (the caller notifies the aggregators).
 --
--- KEYS[1..10]  the report keys (see lib.lua)
--- ARGV[1..4]   ttl, events maxlen, notify maxlen, report id (see lib.lua)
--- ARGV[5]      message for the event (who or why)
+-- KEYS[1..9]   the report keys (see lib.lua)
+-- ARGV[1..3]   ttl, events maxlen, report id (see lib.lua)
+-- ARGV[4]      message for the event (who or why)
 --
 -- Returns: {"cancelled", JSON array of the job ids the queue may still hold (ready or
 --           running when cancelled)}
@@ -37,7 +37,6 @@ end
 -- cjson encodes an empty table as an object.
 local ids = #queued == 0 and '[]' or cjson.encode(queued)
 redis.call('HSET', KEYS[K_META], 'status', 'cancelled', 'finished_at', now, 'cancelled_jobs', ids)
-event('report.finished', '', 'cancelled', ARGV[5], now)
-notify('report.finished')
+event('report.finished', '', 'cancelled', ARGV[4], now)
 touch(TTL)
 return { 'cancelled', ids }

@@ -10,23 +10,24 @@
 -- KEYS[7]  results     HASH   job id -> SectionResult JSON (written once)
 -- KEYS[8]  info        HASH   "<job>|started", "<job>|finished", "<job>|attempts" (starts), "<job>|tries" (provider attempts of a failed job), "<job>|error"
 -- KEYS[9]  events      STREAM the report's event log (kind, job_id, state, message, ts)
--- KEYS[10] notify      STREAM `{ns}:events`, read by the aggregator processes (report_id, kind)
 --
 -- and the same leading ARGV:
 -- ARGV[1]  TTL in seconds of every report key (set at create, set again when the report
 --          finishes; every hash gets a "_" field at create so that all nine keys exist then)
 -- ARGV[2]  MAXLEN (approximate) of the report's event stream
--- ARGV[3]  MAXLEN (approximate) of the notification stream
--- ARGV[4]  report id
--- Script-specific arguments start at ARGV[5].
+-- ARGV[3]  report id
+-- Script-specific arguments start at ARGV[4].
+--
+-- Every key is in the report's hash slot (`{r:<id>}`), so the scripts run on a Redis Cluster.
+-- The aggregators' notification stream is in another slot: a script that finishes the report
+-- returns its final status and the caller appends the notification (see Store::notify_finished).
 
 local K_META, K_NODES, K_STATE, K_REMAINING, K_DEPENDENTS = 1, 2, 3, 4, 5
-local K_FLAGS, K_RESULTS, K_INFO, K_EVENTS, K_NOTIFY = 6, 7, 8, 9, 10
+local K_FLAGS, K_RESULTS, K_INFO, K_EVENTS = 6, 7, 8, 9
 local REPORT_KEYS = 9
 local TTL = ARGV[1]
 local EVENTS_MAXLEN = ARGV[2]
-local NOTIFY_MAXLEN = ARGV[3]
-local REPORT_ID = ARGV[4]
+local REPORT_ID = ARGV[3]
 
 local TERMINAL = { done = true, failed = true, skipped = true, cancelled = true }
 
@@ -39,11 +40,6 @@ end
 local function event(kind, job, state, message, ts)
   redis.call('XADD', KEYS[K_EVENTS], 'MAXLEN', '~', EVENTS_MAXLEN, '*',
     'kind', kind, 'job_id', job, 'state', state, 'message', message, 'ts', ts)
-end
-
-local function notify(kind)
-  redis.call('XADD', KEYS[K_NOTIFY], 'MAXLEN', '~', NOTIFY_MAXLEN, '*',
-    'report_id', REPORT_ID, 'kind', kind)
 end
 
 -- A report that is still running lives at least a week (RUNNING_TTL) after it was created or
@@ -147,8 +143,8 @@ local function ok_with_ready(status, job)
   return out
 end
 
--- When every job is terminal: the final status, the report.finished event, a notification
--- for the aggregators and the TTL. Returns the report status.
+-- When every job is terminal: the final status, the report.finished event and the TTL.
+-- Returns the report status (the caller notifies the aggregators when it is not running).
 local function maybe_finish(now)
   local m = redis.call('HMGET', KEYS[K_META], 'status', 'terminal', 'job_count')
   if m[1] ~= 'running' or tonumber(m[2]) < tonumber(m[3]) then
@@ -175,7 +171,6 @@ local function maybe_finish(now)
   redis.call('HSET', KEYS[K_META], 'status', status, 'finished_at', now)
   event('report.finished', '', status, string.format('%d done, %d failed, %d skipped',
     counts.done, counts.failed, counts.skipped), now)
-  notify('report.finished')
   touch(TTL)
   return status
 end

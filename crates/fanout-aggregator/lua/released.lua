@@ -1,14 +1,14 @@
 -- Read-only: what a terminal job released, for a worker that finds its job already done
 -- (it crashed after complete/fail and before enqueueing the dependents).
 --
--- KEYS[1..10]  the report keys (see lib.lua)
--- ARGV[1..4]   ttl, events maxlen, notify maxlen, report id (see lib.lua)
--- ARGV[5]      job id
+-- KEYS[1..9]   the report keys (see lib.lua)
+-- ARGV[1..3]   ttl, events maxlen, report id (see lib.lua)
+-- ARGV[4]      job id
 --
 -- Returns: {"ok", report status, JobNode JSON of each released dependent not yet started …}
 --      or  {"missing"}, {"unknown_job"}, {"not_terminal", report status}.
 
-local job = ARGV[5]
+local job = ARGV[4]
 local status = redis.call('HGET', KEYS[K_META], 'status')
 if not status then
   return { 'missing' }

@@ -5,13 +5,13 @@
 -- marker and webhook status, so that its next finish is assembled, and its webhook sent,
 -- again.
 --
--- KEYS[1..10]  the report keys (see lib.lua)
--- KEYS[11]     assembled  STRING  the aggregator's lease, then `done` (same slot)
--- KEYS[12]     doc:md     STRING  the assembled Markdown (same slot)
--- KEYS[13]     doc:json   STRING  the assembled JSON (same slot)
--- ARGV[1..4]   ttl, events maxlen, notify maxlen, report id (see lib.lua)
--- ARGV[5]      job id
--- ARGV[6]      message for the events (who or why)
+-- KEYS[1..9]   the report keys (see lib.lua)
+-- KEYS[10]     assembled  STRING  the aggregator's lease, then `done` (same slot)
+-- KEYS[11]     doc:md     STRING  the assembled Markdown (same slot)
+-- KEYS[12]     doc:json   STRING  the assembled JSON (same slot)
+-- ARGV[1..3]   ttl, events maxlen, report id (see lib.lua)
+-- ARGV[4]      job id
+-- ARGV[5]      message for the events (who or why)
 --
 -- Returns: {"reopened", new state of the job, "1" if the report had finished else "0",
 --           the job's JobNode JSON}
@@ -45,10 +45,10 @@
 --   deleted, `report.reopened`. The report's webhook outbox entry (another slot) is the
 --   caller's to clear. A cancelled report is final: nothing is reopened.
 
-local K_ASSEMBLED, K_DOC_MD, K_DOC_JSON = 11, 12, 13
+local K_ASSEMBLED, K_DOC_MD, K_DOC_JSON = 10, 11, 12
 
-local job = ARGV[5]
-local message = ARGV[6]
+local job = ARGV[4]
+local message = ARGV[5]
 local st, err = job_state(job)
 if not st then
   return err

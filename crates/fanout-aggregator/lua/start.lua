@@ -1,19 +1,19 @@
 -- A worker is about to run a job: mark it running, keep the first start time, count the start.
 --
--- KEYS[1..10]  the report keys (see lib.lua)
--- ARGV[1..4]   ttl, events maxlen, notify maxlen, report id (see lib.lua)
--- ARGV[5]      job id
--- ARGV[6]      the queue's attempt number (shown in the event)
--- ARGV[7..]    optional: report fields to return with "run" (the job's context)
+-- KEYS[1..9]   the report keys (see lib.lua)
+-- ARGV[1..3]   ttl, events maxlen, report id (see lib.lua)
+-- ARGV[4]      job id
+-- ARGV[5]      the queue's attempt number (shown in the event)
+-- ARGV[6..]    optional: report fields to return with "run" (the job's context)
 --
 -- Returns: "run", "already_done" (the job is terminal), "cancelled" (the report or the job
 -- was cancelled) or "missing" (unknown job, or the report expired or never existed). With
--- ARGV[7..], each is the first element of an array, and "run" is followed by the job's node
+-- ARGV[6..], each is the first element of an array, and "run" is followed by the job's node
 -- and the named report fields.
 
-local job = ARGV[5]
+local job = ARGV[4]
 local fields = {}
-for i = 7, #ARGV do
+for i = 6, #ARGV do
   fields[#fields + 1] = ARGV[i]
 end
 local function reply(r)
@@ -42,7 +42,7 @@ local now = now_ms()
 redis.call('HSET', KEYS[K_STATE], job, 'running')
 redis.call('HSETNX', KEYS[K_INFO], job .. '|started', now)
 redis.call('HINCRBY', KEYS[K_INFO], job .. '|attempts', 1)
-event('section.started', job, 'running', 'attempt ' .. ARGV[6], now)
+event('section.started', job, 'running', 'attempt ' .. ARGV[5], now)
 if #fields == 0 then
   return 'run'
 end

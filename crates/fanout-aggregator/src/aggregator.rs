@@ -7,7 +7,6 @@ use std::sync::{Arc, LazyLock};
 use std::time::{Duration, Instant};
 
 use redis::Script;
-use redis::aio::MultiplexedConnection;
 use redis::streams::{StreamAutoClaimReply, StreamId, StreamReadReply};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
@@ -106,7 +105,7 @@ struct Aggregator {
     options: AggregatorOptions,
     stream: String,
     /// The connection of the blocking reads, taken out of the pool.
-    reader: Option<MultiplexedConnection>,
+    reader: Option<fanout_core::redis::Blocking>,
     group_ready: bool,
     /// Our own pending notifications were (re)read after a start or an error.
     own_pending_done: bool,
@@ -188,15 +187,14 @@ impl Aggregator {
             }
         }
 
-        let reader = match self.reader.as_mut() {
-            Some(r) => r,
-            None => {
-                let conn = self.store.pool().get().await?;
-                let mut own = deadpool_redis::Connection::take(conn);
-                own.set_response_timeout(self.options.block + Duration::from_secs(5));
-                self.reader.insert(own)
-            }
-        };
+        let reader = self
+            .store
+            .pool()
+            .blocking(
+                &mut self.reader,
+                self.options.block + Duration::from_secs(5),
+            )
+            .await?;
         let mut cmd = redis::cmd("XREADGROUP");
         cmd.arg("GROUP")
             .arg(GROUP)

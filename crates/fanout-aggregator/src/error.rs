@@ -6,7 +6,7 @@ pub enum Error {
     #[error("redis: {0}")]
     Redis(#[from] redis::RedisError),
     #[error("redis pool: {0}")]
-    Pool(#[from] deadpool_redis::PoolError),
+    Pool(#[from] fanout_core::redis::PoolError),
     /// The report never existed or has expired (`reports.ttl_secs` after it finished).
     #[error("report `{report}` not found (unknown or expired)")]
     ReportNotFound { report: String },

@@ -6,6 +6,7 @@ const LIB: &str = include_str!("../lua/lib.lua");
 
 #[derive(Debug)]
 pub(crate) struct Scripts {
+    pub(crate) index: Script,
     pub(crate) create: Script,
     pub(crate) start: Script,
     pub(crate) complete: Script,
@@ -22,6 +23,8 @@ fn with_lib(body: &str) -> Script {
 impl Scripts {
     pub(crate) fn load() -> Self {
         Self {
+            // The one script outside a report's slot: no prelude.
+            index: Script::new(include_str!("../lua/index.lua")),
             create: with_lib(include_str!("../lua/create.lua")),
             start: with_lib(include_str!("../lua/start.lua")),
             complete: with_lib(include_str!("../lua/complete.lua")),

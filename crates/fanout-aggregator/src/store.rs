@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use deadpool_redis::Pool;
+use fanout_core::redis::Pool;
 use fanout_core::redis::SharedConnection;
 use fanout_core::{
     Config, DepOutput, DependencyFailure, JobGraph, JobNode, Lane, ReportStatus, SectionState,
@@ -27,6 +27,9 @@ use crate::view::{self, LayoutEntry, META_FIELDS, RawReport, ReportView};
 pub const EVENTS_MAXLEN: usize = 10_000;
 /// Approximate cap of the notification stream (acknowledged entries are deleted anyway).
 pub const NOTIFY_MAXLEN: usize = 100_000;
+
+/// The least a running report lives (`RUNNING_TTL` in `lua/lib.lua`).
+const RUNNING_TTL_SECS: u64 = 7 * 86_400;
 
 /// A report to create.
 #[derive(Debug, Clone)]
@@ -222,7 +225,7 @@ impl Store {
         self.shared.pool()
     }
 
-    async fn conn(&self) -> Result<redis::aio::MultiplexedConnection> {
+    async fn conn(&self) -> Result<fanout_core::redis::Connection> {
         Ok(self.shared.get().await?)
     }
 
@@ -238,12 +241,31 @@ impl Store {
         for key in self.keys.report(report_id).script_keys() {
             inv.key(key);
         }
-        inv.key(self.keys.notifications());
-        inv.arg(self.ttl_secs)
-            .arg(EVENTS_MAXLEN)
-            .arg(NOTIFY_MAXLEN)
-            .arg(report_id);
+        inv.arg(self.ttl_secs).arg(EVENTS_MAXLEN).arg(report_id);
         inv
+    }
+
+    /// Tell the aggregators that a report has finished: its entry in the notification stream.
+    /// The stream lives in the namespace's slot, so this is the second step after the script
+    /// that finished the report (another slot on a Redis Cluster). Every caller runs it before
+    /// it acknowledges its work, and the scripts return the final status again on a repeat, so
+    /// a crash in between notifies on the retry; a repeated notification assembles nothing
+    /// twice (the assembly marker).
+    async fn notify_finished(&self, report_id: &str) -> Result<()> {
+        let mut conn = self.conn().await?;
+        redis::cmd("XADD")
+            .arg(self.keys.notifications())
+            .arg("MAXLEN")
+            .arg("~")
+            .arg(NOTIFY_MAXLEN)
+            .arg("*")
+            .arg("report_id")
+            .arg(report_id)
+            .arg("kind")
+            .arg("report.finished")
+            .query_async::<()>(&mut conn)
+            .await
+            .map_err(|e| self.broken(e))
     }
 
     /// Create a report (one script): idempotency check, record, job states, dependency
@@ -256,7 +278,6 @@ impl Store {
                 r.lane
             )));
         }
-        let report_id = uuid::Uuid::now_v7().to_string();
         let template_json = to_json(&r.template);
         let inputs_json = to_json(&r.inputs);
         let layout = to_json(&view::layout(&r.template, &r.inputs, &r.graph));
@@ -284,18 +305,52 @@ impl Store {
             }
         }
 
-        let mut inv = self.invocation(&self.scripts.create, &report_id);
-        inv.key(self.keys.tenant_reports(&r.tenant))
+        // Step one, in the namespace's slot: the idempotency key and the tenant's index.
+        let mut report_id = uuid::Uuid::now_v7().to_string();
+        let mut index = self.scripts.index.prepare_invoke();
+        index
+            .key(self.keys.tenant_reports(&r.tenant))
             .key(self.keys.report_indexes());
         if let Some(key) = &r.idempotency_key {
-            inv.key(self.keys.idempotency(&r.tenant, key));
+            index.key(self.keys.idempotency(&r.tenant, key));
         }
-        inv.arg(if r.idempotency_key.is_some() {
-            fingerprint(&r)
-        } else {
-            "0".to_owned()
-        })
-        .arg(meta.len());
+        index
+            .arg(&report_id)
+            .arg(if r.idempotency_key.is_some() {
+                fingerprint(&r)
+            } else {
+                "0".to_owned()
+            })
+            .arg(self.ttl_secs)
+            .arg(self.ttl_secs.max(RUNNING_TTL_SECS) + self.ttl_secs);
+        let mut conn = self.conn().await?;
+        let reply: Vec<String> = index
+            .invoke_async(&mut conn)
+            .await
+            .map_err(|e| self.broken(e))?;
+        drop(conn);
+        let known = match (reply.first().map(String::as_str), reply.get(1)) {
+            (Some("new"), Some(_)) => false,
+            (Some("duplicate"), Some(id)) => {
+                // The same request again: the report, unless the first try stopped between
+                // the two steps, in which case it is created now under the id it was given.
+                report_id = id.clone();
+                true
+            }
+            (Some("conflict"), Some(id)) => {
+                return Err(Error::IdempotencyConflict { report: id.clone() });
+            }
+            _ => {
+                return Err(Error::corrupt(
+                    &report_id,
+                    format!("index replied {reply:?}"),
+                ));
+            }
+        };
+
+        // Step two, in the report's slot.
+        let mut inv = self.invocation(&self.scripts.create, &report_id);
+        inv.arg(meta.len());
         for (k, v) in &meta {
             inv.arg(*k).arg(*v);
         }
@@ -324,32 +379,38 @@ impl Store {
             .await
             .map_err(|e| self.broken(e))?;
         drop(conn);
-        match reply.first().map(String::as_str) {
-            Some("created") => Ok(Created {
-                report_id,
-                duplicate: false,
+        let created = match reply.first().map(String::as_str) {
+            Some("created") => Created {
                 ready: parse_nodes(&reply[2..], &reply[1])?,
-            }),
-            Some("conflict") => Err(Error::IdempotencyConflict {
-                report: reply.get(1).cloned().unwrap_or_default(),
-            }),
-            Some("duplicate") => {
-                let report_id = reply
-                    .get(1)
-                    .cloned()
-                    .ok_or_else(|| Error::corrupt("?", "duplicate without id"))?;
-                let ready = self.ready_jobs(&report_id).await?;
-                Ok(Created {
-                    report_id,
-                    duplicate: true,
-                    ready,
-                })
+                report_id,
+                duplicate: known,
+            },
+            Some("duplicate") => Created {
+                ready: self.ready_jobs(&report_id).await?,
+                report_id,
+                duplicate: true,
+            },
+            _ => {
+                return Err(Error::corrupt(
+                    &report_id,
+                    format!("create replied {reply:?}"),
+                ));
             }
-            _ => Err(Error::corrupt(
-                &report_id,
-                format!("create replied {reply:?}"),
-            )),
-        }
+        };
+        self.replicated(&created.report_id).await?;
+        Ok(created)
+    }
+
+    /// Wait until `redis.wait_replicas` replicas hold what this store wrote to the report's
+    /// slot and the namespace's (see `SharedConnection::replicated`): before a caller builds
+    /// on it in another slot, or answers a client.
+    async fn replicated(&self, report_id: &str) -> Result<()> {
+        let report = self.keys.report(report_id).meta();
+        let notifications = self.keys.notifications();
+        self.shared
+            .replicated(&[&report, &notifications])
+            .await
+            .map_err(Error::Redis)
     }
 
     /// The jobs that are ready and not started yet.
@@ -451,7 +512,7 @@ impl Store {
     /// its dependencies' outputs read on `conn`.
     async fn build_context(
         &self,
-        conn: &mut redis::aio::MultiplexedConnection,
+        conn: &mut fanout_core::redis::Connection,
         report_id: &str,
         job_id: &str,
         meta: Vec<Option<String>>,
@@ -646,27 +707,39 @@ impl Store {
             .await
             .map_err(|e| self.broken(e))?;
         drop(conn);
-        match reply.first().map(String::as_str) {
-            Some("ok") => Ok(Released {
+        let released = match reply.first().map(String::as_str) {
+            Some("ok") => Released {
                 report_finished: reply.get(1).is_some_and(|s| s != "running"),
                 ready: parse_nodes(&reply[2..], report_id)?,
-            }),
-            Some("not_terminal") => Ok(Released {
+            },
+            Some("not_terminal") => Released {
                 ready: Vec::new(),
                 report_finished: reply.get(1).is_some_and(|s| s != "running"),
-            }),
-            Some("missing") => Err(Error::ReportNotFound {
-                report: report_id.to_owned(),
-            }),
-            Some("unknown_job") => Err(Error::UnknownJob {
-                report: report_id.to_owned(),
-                job: job_id.to_owned(),
-            }),
-            _ => Err(Error::corrupt(
-                report_id,
-                format!("script replied {reply:?}"),
-            )),
+            },
+            Some("missing") => {
+                return Err(Error::ReportNotFound {
+                    report: report_id.to_owned(),
+                });
+            }
+            Some("unknown_job") => {
+                return Err(Error::UnknownJob {
+                    report: report_id.to_owned(),
+                    job: job_id.to_owned(),
+                });
+            }
+            _ => {
+                return Err(Error::corrupt(
+                    report_id,
+                    format!("script replied {reply:?}"),
+                ));
+            }
+        };
+        if released.report_finished {
+            self.notify_finished(report_id).await?;
         }
+        // The caller enqueues the dependents and acknowledges the job next (the queue's slot).
+        self.replicated(report_id).await?;
+        Ok(released)
     }
 
     /// Cancel a running report: every job that is not terminal is cancelled and the report's
@@ -693,8 +766,11 @@ impl Store {
             _ => None,
         }
         .ok_or_else(|| Error::corrupt(report_id, format!("cancel replied {reply:?}")))?;
-        serde_json::from_str(ids)
-            .map_err(|e| Error::corrupt(report_id, format!("cancelled ids: {e}")))
+        let ids = serde_json::from_str(ids)
+            .map_err(|e| Error::corrupt(report_id, format!("cancelled ids: {e}")))?;
+        self.notify_finished(report_id).await?;
+        self.replicated(report_id).await?;
+        Ok(ids)
     }
 
     /// Reopen a failed job so that it runs again: an operator replays its dead letter. The
@@ -779,6 +855,7 @@ impl Store {
         ) {
             self.drop_webhook(&mut conn, report_id).await;
         }
+        self.replicated(report_id).await?;
         Ok(reopened)
     }
 
@@ -788,7 +865,7 @@ impl Store {
     /// or hand the new webhook its used-up attempts and backoff. Best effort: the reopen
     /// itself is done and the job must still be enqueued, so a failure here is logged, not
     /// returned.
-    async fn drop_webhook(&self, conn: &mut redis::aio::MultiplexedConnection, report_id: &str) {
+    async fn drop_webhook(&self, conn: &mut fanout_core::redis::Connection, report_id: &str) {
         let k = &self.keys;
         let dropped: redis::RedisResult<()> = redis::pipe()
             .atomic()
@@ -897,14 +974,13 @@ impl Store {
                 });
             }
             scanned += batch.len();
-            let mut pipe = redis::pipe();
-            for (id, _) in &batch {
-                pipe.cmd("HMGET")
-                    .arg(self.keys.report(id).meta())
-                    .arg(&SUMMARY_FIELDS);
-            }
-            let metas: Vec<Vec<Option<String>>> = pipe
-                .query_async(&mut conn)
+            // One report per slot: sent together, not as a pipeline.
+            let metas: Vec<Vec<Option<String>>> = conn
+                .query_each(batch.iter().map(|(id, _)| {
+                    let mut cmd = redis::cmd("HMGET");
+                    cmd.arg(self.keys.report(id).meta()).arg(&SUMMARY_FIELDS);
+                    cmd
+                }))
                 .await
                 .map_err(|e| self.broken(e))?;
             let mut gone = Vec::new();
@@ -967,29 +1043,36 @@ impl Store {
         for index in indexes {
             let mut offset = 0;
             while offset < max {
-                let ids: Vec<String> = redis::cmd("ZRANGE")
+                let entries: Vec<(String, f64)> = redis::cmd("ZRANGE")
                     .arg(&index)
                     .arg(offset)
                     .arg(offset + BATCH.min(max - offset) - 1)
+                    .arg("WITHSCORES")
                     .query_async(&mut conn)
                     .await
                     .map_err(|e| self.broken(e))?;
-                if ids.is_empty() {
+                if entries.is_empty() {
                     break;
                 }
-                let mut pipe = redis::pipe();
-                for id in &ids {
-                    pipe.cmd("EXISTS").arg(self.keys.report(id).meta());
-                }
-                let exists: Vec<bool> = pipe
-                    .query_async(&mut conn)
+                // An entry of the last minute may name a report being created right now (the
+                // index is written the step before the report): it is not forgotten yet.
+                let young = now_ms().saturating_sub(60_000) as f64;
+                let (ids, scores): (Vec<String>, Vec<f64>) = entries.into_iter().unzip();
+                // One report per slot: sent together, not as a pipeline.
+                let exists: Vec<bool> = conn
+                    .query_each(ids.iter().map(|id| {
+                        let mut cmd = redis::cmd("EXISTS");
+                        cmd.arg(self.keys.report(id).meta());
+                        cmd
+                    }))
                     .await
                     .map_err(|e| self.broken(e))?;
                 let gone: Vec<String> = ids
                     .iter()
                     .zip(&exists)
-                    .filter(|(_, e)| !**e)
-                    .map(|(id, _)| id.clone())
+                    .zip(&scores)
+                    .filter(|((_, e), created)| !**e && **created < young)
+                    .map(|((id, _), _)| id.clone())
                     .collect();
                 self.forget(&mut conn, &index, &gone).await?;
                 forgotten += gone.len();
@@ -1005,7 +1088,7 @@ impl Store {
 
     async fn forget(
         &self,
-        conn: &mut redis::aio::MultiplexedConnection,
+        conn: &mut fanout_core::redis::Connection,
         index: &str,
         gone: &[String],
     ) -> Result<()> {
@@ -1071,8 +1154,11 @@ impl Store {
         };
         // A blocking read gets a connection of its own, taken out of the pool (the pool's
         // response timeout would cut the block short, and nobody else may queue behind it).
-        let mut own = deadpool_redis::Connection::take(self.pool().get().await?);
-        own.set_response_timeout(block + Duration::from_secs(5));
+        let mut slot = None;
+        let own = self
+            .pool()
+            .blocking(&mut slot, block + Duration::from_secs(5))
+            .await?;
         let reply: Option<StreamReadReply> = redis::cmd("XREAD")
             .arg("COUNT")
             .arg(count)
@@ -1081,7 +1167,7 @@ impl Store {
             .arg("STREAMS")
             .arg(keys.events())
             .arg(after.unwrap_or("0-0"))
-            .query_async(&mut own)
+            .query_async(own)
             .await?;
         Ok(reply
             .into_iter()

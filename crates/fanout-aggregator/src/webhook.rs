@@ -32,9 +32,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::{Keys, Store};
 use bytes::Bytes;
-use deadpool_redis::Pool;
 use fanout_core::Secret;
 use fanout_core::config::WebhooksConfig;
+use fanout_core::redis::Pool;
 use fanout_metrics::METRICS;
 use hmac::{Hmac, Mac};
 use rand::Rng;
@@ -144,7 +144,7 @@ pub enum WebhookError {
     #[error("webhook outbox: {0}")]
     Redis(#[from] redis::RedisError),
     #[error("webhook outbox: {0}")]
-    Pool(#[from] deadpool_redis::PoolError),
+    Pool(#[from] fanout_core::redis::PoolError),
 }
 
 /// A webhook given up on, from the `webhooks:dead` stream.
@@ -492,7 +492,7 @@ impl Webhooks {
 
     async fn dead_entries(
         &self,
-        conn: &mut deadpool_redis::Connection,
+        conn: &mut fanout_core::redis::PooledConnection,
     ) -> Result<Vec<(String, DeadWebhook)>, WebhookError> {
         let reply: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
             .arg(self.inner.keys.webhooks_dead())
@@ -580,14 +580,17 @@ impl Webhooks {
     ) -> Result<(Option<String>, Option<Vec<u8>>), WebhookError> {
         let keys = &self.inner.keys;
         let mut conn = self.inner.pool.get().await?;
-        Ok(redis::pipe()
-            .cmd("HGET")
+        // The outbox and the report are in different slots: two commands, not a pipeline.
+        let url: Option<String> = redis::cmd("HGET")
             .arg(keys.webhooks_url())
             .arg(report_id)
-            .cmd("GET")
+            .query_async(&mut conn)
+            .await?;
+        let doc: Option<Vec<u8>> = redis::cmd("GET")
             .arg(keys.report(report_id).doc_json())
             .query_async(&mut conn)
-            .await?)
+            .await?;
+        Ok((url, doc))
     }
 
     async fn settle(

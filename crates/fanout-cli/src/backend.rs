@@ -60,7 +60,7 @@ impl Backend {
 pub(crate) struct Local {
     config_path: Option<PathBuf>,
     config: OnceLock<Arc<Config>>,
-    pool: OnceLock<deadpool_redis::Pool>,
+    pool: OnceLock<fanout_core::redis::Pool>,
 }
 
 impl Local {
@@ -72,7 +72,7 @@ impl Local {
         Ok(self.config.get_or_init(|| c).clone())
     }
 
-    fn pool(&self) -> anyhow::Result<deadpool_redis::Pool> {
+    fn pool(&self) -> anyhow::Result<fanout_core::redis::Pool> {
         if let Some(p) = self.pool.get() {
             return Ok(p.clone());
         }

@@ -9,7 +9,7 @@ use tokio_util::sync::CancellationToken;
 /// Serve `/metrics`, `/healthz` (the process runs) and `/readyz` (Redis answers) on `addr`.
 pub(crate) async fn serve(
     addr: SocketAddr,
-    pool: deadpool_redis::Pool,
+    pool: fanout_core::redis::Pool,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(addr)
@@ -37,7 +37,7 @@ pub(crate) async fn serve(
     Ok(())
 }
 
-pub(crate) async fn redis_ready(pool: &deadpool_redis::Pool) -> bool {
+pub(crate) async fn redis_ready(pool: &fanout_core::redis::Pool) -> bool {
     let Ok(mut conn) = pool.get().await else {
         return false;
     };

@@ -127,6 +127,8 @@ pub struct RedisConfig {
     pub namespace: String,
     pub pool_size: usize,
     pub command_timeout_ms: u64,
+    /// Replicas that must acknowledge a write that later steps build on (`WAIT`); 0: none.
+    pub wait_replicas: u32,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -522,19 +524,8 @@ impl Config {
 
     fn validate(raw: RawConfig, env: &HashMap<String, String>) -> Result<Self, ConfigError> {
         let r = &raw.redis;
-        if !(r.url.starts_with("redis://")
-            || r.url.starts_with("rediss://")
-            || r.url.starts_with("unix://")
-            || r.url.starts_with("redis+unix://"))
-        {
-            return Err(ConfigError::invalid(
-                "redis.url",
-                format!(
-                    "`{}` is not a Redis URL; expected redis://host:port[/db] or rediss://",
-                    redact_url(&r.url)
-                ),
-            ));
-        }
+        crate::redis::Topology::parse(&r.url)
+            .map_err(|message| ConfigError::invalid("redis.url", message))?;
         check_name("redis.namespace", &r.namespace)?;
         let w = &raw.webhooks;
         positive("webhooks.attempts", u64::from(w.attempts))?;

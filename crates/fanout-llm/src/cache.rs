@@ -4,10 +4,10 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use deadpool_redis::Pool;
 use deadpool_redis::redis::{self, AsyncCommands as _};
+use fanout_core::redis::Connection as RedisConnection;
+use fanout_core::redis::Pool;
 use fanout_core::redis::SharedConnection;
-use redis::aio::MultiplexedConnection;
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 use tracing::debug;
@@ -110,9 +110,7 @@ impl ResponseCache {
     pub async fn get(&self, req: &ChatRequest) -> Option<ChatResponse> {
         let key = self.keys.entry(req);
         let read = self
-            .with_conn(async |mut conn: MultiplexedConnection| {
-                conn.get::<_, Option<Vec<u8>>>(&key).await
-            })
+            .with_conn(async |mut conn: RedisConnection| conn.get::<_, Option<Vec<u8>>>(&key).await)
             .await;
         let found = match read {
             Ok(Some(bytes)) => match serde_json::from_slice::<ChatResponse>(&bytes) {
@@ -160,7 +158,7 @@ impl ResponseCache {
         };
         let ttl_ms = u64::try_from(self.ttl.as_millis()).unwrap_or(u64::MAX);
         let written = self
-            .with_conn(async |mut conn: MultiplexedConnection| {
+            .with_conn(async |mut conn: RedisConnection| {
                 redis::cmd("SET")
                     .arg(&key)
                     .arg(value)
@@ -188,7 +186,7 @@ impl ResponseCache {
     /// string.
     async fn with_conn<T>(
         &self,
-        op: impl AsyncFnOnce(MultiplexedConnection) -> redis::RedisResult<T>,
+        op: impl AsyncFnOnce(RedisConnection) -> redis::RedisResult<T>,
     ) -> Result<T, String> {
         let work = async {
             let conn = self.shared.get().await.map_err(|e| e.to_string())?;

@@ -8,7 +8,7 @@ use fanout_llm::{CacheStats, ChatRequest, ChatResponse, LlmClient, ResponseCache
 use fanout_sim::SimConfig;
 use fanout_test_support::RedisServer;
 
-fn pool(redis: &RedisServer) -> deadpool_redis::Pool {
+fn pool(redis: &RedisServer) -> fanout_core::redis::Pool {
     fanout_test_support::redis_pool(&redis.url())
 }
 

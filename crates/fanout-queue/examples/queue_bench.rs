@@ -22,10 +22,8 @@ use tokio_util::sync::CancellationToken;
 
 const CHILD_ENV: &str = "QUEUE_BENCH_CHILD";
 
-fn pool(url: &str) -> deadpool_redis::Pool {
-    deadpool_redis::Config::from_url(url)
-        .create_pool(Some(deadpool_redis::Runtime::Tokio1))
-        .expect("redis pool")
+fn pool(url: &str) -> fanout_core::redis::Pool {
+    fanout_test_support::redis_pool(url)
 }
 
 fn now_us() -> u64 {
@@ -37,7 +35,7 @@ fn now_us() -> u64 {
 
 /// Does nothing, except in the latency phase: records how long after enqueue it started.
 struct NoOp {
-    pool: deadpool_redis::Pool,
+    pool: fanout_core::redis::Pool,
     latencies: String,
 }
 

@@ -8,7 +8,7 @@ pub enum Error {
     Redis(#[from] redis::RedisError),
     /// No connection could be had from the pool. Retryable.
     #[error("redis pool: {0}")]
-    Pool(#[from] deadpool_redis::PoolError),
+    Pool(#[from] fanout_core::redis::PoolError),
     /// The delivery is no longer held by this consumer: another consumer reclaimed it after
     /// missed heartbeats, it was already settled, or it was removed. Nothing was changed.
     #[error("job {job_id} (entry {entry_id}) is no longer held by this consumer")]

@@ -6,9 +6,9 @@ use std::sync::{Arc, LazyLock, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use fanout_core::config::QueueConfig;
+use fanout_core::redis::Connection as RedisConnection;
 use fanout_core::redis::SharedConnection;
 use redis::Value;
-use redis::aio::MultiplexedConnection;
 
 use crate::backoff::retry_delay;
 use crate::error::{Error, Result};
@@ -55,7 +55,7 @@ pub struct Queue {
 }
 
 struct Inner {
-    pool: deadpool_redis::Pool,
+    pool: fanout_core::redis::Pool,
     keys: Keys,
     config: QueueConfig,
     idempotency_ttl: Duration,
@@ -99,7 +99,7 @@ pub(crate) struct Claimed {
 }
 
 impl Queue {
-    pub fn new(pool: deadpool_redis::Pool, namespace: &str, config: QueueConfig) -> Self {
+    pub fn new(pool: fanout_core::redis::Pool, namespace: &str, config: QueueConfig) -> Self {
         Self {
             inner: Arc::new(Inner {
                 keys: Keys::new(namespace),
@@ -113,7 +113,7 @@ impl Queue {
     }
 
     /// The queue of a Fanout deployment: `redis.namespace` and `queue` of `config`.
-    pub fn from_config(pool: deadpool_redis::Pool, config: &fanout_core::Config) -> Self {
+    pub fn from_config(pool: fanout_core::redis::Pool, config: &fanout_core::Config) -> Self {
         Self::new(pool, &config.redis.namespace, config.queue.clone())
     }
 
@@ -175,7 +175,7 @@ impl Queue {
         Ok(())
     }
 
-    pub(crate) async fn conn(&self) -> Result<MultiplexedConnection> {
+    pub(crate) async fn conn(&self) -> Result<RedisConnection> {
         Ok(self.inner.shared.get().await?)
     }
 
@@ -225,6 +225,12 @@ impl Queue {
         let mut conn = self.conn().await?;
         let codes: Vec<i64> = inv
             .invoke_async(&mut conn)
+            .await
+            .map_err(|e| self.broken(e))?;
+        // An enqueue is kept once it returns: `redis.wait_replicas` replicas hold it.
+        self.inner
+            .shared
+            .replicated(&[&keys.ready()])
             .await
             .map_err(|e| self.broken(e))?;
         if codes.len() != jobs.len() {
@@ -538,7 +544,7 @@ impl Queue {
     /// timed out) rather than only new jobs.
     pub(crate) async fn wait_for_work(
         &self,
-        waiter: &mut Option<MultiplexedConnection>,
+        waiter: &mut Option<fanout_core::redis::Blocking>,
         block_on: &[(String, String)],
         timeout: Duration,
     ) -> Result<bool> {
@@ -546,15 +552,12 @@ impl Queue {
             tokio::time::sleep(timeout).await;
             return Ok(true);
         }
-        let conn = match waiter {
-            Some(c) => c,
-            None => {
-                // Blocking reads get their own connection, taken out of the pool for good.
-                let c = deadpool_redis::Connection::take(self.inner.pool.get().await?);
-                waiter.insert(c)
-            }
-        };
-        conn.set_response_timeout(timeout + Duration::from_secs(2));
+        // Blocking reads get their own connection, taken out of the pool for good.
+        let conn = self
+            .inner
+            .pool
+            .blocking(waiter, timeout + Duration::from_secs(2))
+            .await?;
         let mut cmd = redis::cmd("XREAD");
         cmd.arg("COUNT")
             .arg(16)
@@ -1046,7 +1049,7 @@ impl Queue {
     }
 }
 
-async fn last_delivered(conn: &mut MultiplexedConnection, stream: &str) -> Result<Option<String>> {
+async fn last_delivered(conn: &mut RedisConnection, stream: &str) -> Result<Option<String>> {
     let groups: Value = match redis::cmd("XINFO")
         .arg("GROUPS")
         .arg(stream)

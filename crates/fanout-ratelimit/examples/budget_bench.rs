@@ -12,7 +12,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use deadpool_redis::Runtime;
 use fanout_core::config::{BudgetConfig, ModelLimits, Plan};
 use fanout_ratelimit::Budget;
 use fanout_test_support::RedisServer;
@@ -23,7 +22,7 @@ async fn main() -> anyhow::Result<()> {
     let tasks: usize = args.next().map(|a| a.parse()).transpose()?.unwrap_or(50);
     let seconds: u64 = args.next().map(|a| a.parse()).transpose()?.unwrap_or(5);
     let redis = RedisServer::start();
-    let pool = deadpool_redis::Config::from_url(redis.url()).create_pool(Some(Runtime::Tokio1))?;
+    let pool = fanout_test_support::redis_pool(&redis.url());
     let config = BudgetConfig {
         plan: Plan::Tier5,
         limits: ModelLimits {

@@ -14,7 +14,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use deadpool_redis::Runtime;
 use fanout_core::config::{BudgetConfig, LimitCaps, ModelLimits};
 use fanout_ratelimit::Budget;
 use fanout_test_support::RedisServer;
@@ -161,7 +160,7 @@ async fn child(spec: &str) -> anyhow::Result<()> {
         parts[2].parse::<u64>()?,
         parts[3].parse::<u64>()?,
     );
-    let pool = deadpool_redis::Config::from_url(url).create_pool(Some(Runtime::Tokio1))?;
+    let pool = fanout_test_support::redis_pool(url);
     let budget = Budget::new(pool, "room", config(rpm), vec!["k".into()]);
     let deadline = Instant::now() + Duration::from_secs(seconds);
     let admitted = Arc::new(AtomicU64::new(0));

@@ -4,8 +4,8 @@ use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use deadpool_redis::Pool;
 use fanout_core::config::{BudgetConfig, LimitCaps, ModelLimits, model_family};
+use fanout_core::redis::Pool;
 use rand::Rng as _;
 use redis::Value;
 use tracing::{debug, info};

@@ -10,7 +10,7 @@ pub enum Error {
     Redis(#[from] redis::RedisError),
     /// No connection could be had from the pool.
     #[error("budget could not get a redis connection: {0}")]
-    Pool(#[from] deadpool_redis::PoolError),
+    Pool(#[from] fanout_core::redis::PoolError),
     /// The budget would not have room within the request's `max_wait`: hand the job back to the
     /// queue and try again after `retry_after` (the wait the budget predicted).
     #[error("waiting for budget would take too long, retry after {retry_after:?}")]

@@ -3,9 +3,9 @@
 
 use std::sync::LazyLock;
 
-use deadpool_redis::Pool;
+use fanout_core::redis::Connection as RedisConnection;
+use fanout_core::redis::Pool;
 use fanout_core::redis::SharedConnection;
-use redis::aio::MultiplexedConnection;
 use redis::{RedisError, Script, ScriptInvocation, Value};
 
 use crate::error::{Error, Result};
@@ -60,7 +60,7 @@ impl Redis {
         }
     }
 
-    async fn conn(&self) -> Result<MultiplexedConnection> {
+    async fn conn(&self) -> Result<RedisConnection> {
         Ok(self.shared.get().await?)
     }
 

@@ -10,6 +10,9 @@ use std::time::{Duration, Instant};
 
 use fanout_core::Config;
 
+mod cluster;
+pub use cluster::RedisCluster;
+
 /// A port that was free a moment ago (bound to 127.0.0.1:0, then released).
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
@@ -18,9 +21,35 @@ pub fn free_port() -> u16 {
         .expect("bind an ephemeral port")
 }
 
-/// A private `redis-server` for one test. Killed when dropped.
+/// Whether this test run targets a Redis Cluster: `FANOUT_TEST_REDIS=cluster` (what
+/// `make test-cluster` sets). [`RedisServer::start`] then starts a local 3-master cluster, and
+/// every test built on it (its [`RedisServer::url`], [`RedisServer::conn`], the processes given
+/// that URL) runs against the cluster instead of one server: one suite, two topologies.
+pub fn cluster_mode() -> bool {
+    static MODE: OnceLock<bool> = OnceLock::new();
+    *MODE.get_or_init(|| match std::env::var("FANOUT_TEST_REDIS").as_deref() {
+        Ok("cluster") => true,
+        Ok("" | "single") | Err(_) => false,
+        Ok(other) => panic!("FANOUT_TEST_REDIS={other}: expected `single` or `cluster`"),
+    })
+}
+
+/// For a test that needs one server (it kills or restarts it, or reads its `INFO`): in
+/// [`cluster_mode`] it says so on stderr and returns true, and the test returns early. `why` names
+/// what the cluster run covers instead.
+pub fn skip_on_cluster(why: &str) -> bool {
+    if cluster_mode() {
+        eprintln!("not run on a cluster: {why}");
+    }
+    cluster_mode()
+}
+
+/// A private `redis-server` for one test (or, in [`cluster_mode`], a private local Redis
+/// Cluster). Killed when dropped.
 #[derive(Debug)]
 pub struct RedisServer {
+    /// Set in cluster mode: the cluster the test runs on (the fields below are then unused).
+    cluster: Option<RedisCluster>,
     port: u16,
     dir: tempfile::TempDir,
     child: Option<Child>,
@@ -32,9 +61,35 @@ pub struct RedisServer {
 }
 
 impl RedisServer {
-    /// Start a fresh server on a free port and wait until it answers PING.
+    /// Start a fresh server on a free port and wait until it answers PING; in
+    /// [`cluster_mode`], a fresh 3-master cluster whose every slot is served.
     pub fn start() -> Self {
+        if cluster_mode() {
+            return Self::on_cluster(RedisCluster::start());
+        }
         Self::start_with(false)
+    }
+
+    /// Run on `cluster` (one the test started itself, e.g. with replicas), whatever the mode.
+    pub fn on_cluster(cluster: RedisCluster) -> Self {
+        Self {
+            cluster: Some(cluster),
+            port: 0,
+            dir: tempfile::tempdir().expect("temp dir for redis"),
+            child: None,
+            tls: false,
+            aof: false,
+        }
+    }
+
+    /// The cluster this test runs on, in [`cluster_mode`] or [`RedisServer::on_cluster`].
+    pub fn cluster(&self) -> Option<&RedisCluster> {
+        self.cluster.as_ref()
+    }
+
+    /// The cluster, to kill its nodes.
+    pub fn cluster_mut(&mut self) -> Option<&mut RedisCluster> {
+        self.cluster.as_mut()
     }
 
     /// Start a server that persists to an append-only file (`appendfsync everysec`): after
@@ -47,6 +102,7 @@ impl RedisServer {
         // A port can be taken between probing and binding; try a few.
         for _ in 0..5 {
             let mut server = Self {
+                cluster: None,
                 port: free_port(),
                 dir: tempfile::tempdir().expect("temp dir for redis"),
                 child: None,
@@ -64,6 +120,7 @@ impl RedisServer {
     /// [`RedisServer::url`] (`rediss://…/#insecure`: the test trusts any certificate).
     pub fn start_tls() -> Self {
         let mut server = Self {
+            cluster: None,
             port: free_port(),
             dir: tempfile::tempdir().expect("temp dir for redis"),
             child: None,
@@ -144,21 +201,38 @@ impl RedisServer {
         anyhow::bail!("redis-server did not answer PING in 10s")
     }
 
+    /// The server's port (one server only: a cluster has several).
     pub fn port(&self) -> u16 {
+        assert!(self.cluster.is_none(), "port() of a cluster; use url()");
         self.port
     }
 
+    /// What `redis.url` should say to reach this server (or cluster).
     pub fn url(&self) -> String {
-        if self.tls {
+        if let Some(cluster) = &self.cluster {
+            cluster.url()
+        } else if self.tls {
             format!("rediss://127.0.0.1:{}/#insecure", self.port)
         } else {
             format!("redis://127.0.0.1:{}", self.port)
         }
     }
 
-    /// A synchronous connection, for test assertions.
+    /// A client of the one server (not in [`cluster_mode`]; see [`RedisServer::conn`]).
     pub fn client(&self) -> redis::Client {
+        assert!(self.cluster.is_none(), "client() of a cluster; use conn()");
         redis::Client::open(self.url()).expect("redis url")
+    }
+
+    /// A synchronous connection for test assertions, to the server or, in [`cluster_mode`],
+    /// to the cluster (each command goes to the master of its key's slot).
+    pub fn conn(&self) -> TestConnection {
+        match &self.cluster {
+            Some(cluster) => TestConnection::Cluster(Box::new(
+                cluster.client().get_connection().expect("cluster"),
+            )),
+            None => TestConnection::Single(self.client().get_connection().expect("redis")),
+        }
     }
 
     pub fn is_running(&self) -> bool {
@@ -176,6 +250,10 @@ impl RedisServer {
 
     /// SIGKILL the server: clients see connection resets, and all data is gone.
     pub fn kill(&mut self) {
+        assert!(
+            self.cluster.is_none(),
+            "kill() of a cluster; see RedisCluster::kill_node"
+        );
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
             let _ = child.wait();
@@ -194,6 +272,7 @@ impl RedisServer {
     /// Start the server again on the same port: with empty data, like a restarted cache, or
     /// with what its append-only file holds ([`RedisServer::start_aof`]).
     pub fn restart(&mut self) {
+        assert!(self.cluster.is_none(), "restart() of a cluster");
         self.stop();
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
@@ -208,11 +287,77 @@ impl RedisServer {
 
 impl Drop for RedisServer {
     fn drop(&mut self) {
-        self.kill();
+        if self.cluster.is_none() {
+            self.kill();
+        }
     }
 }
 
-fn redis_server_path() -> PathBuf {
+/// A synchronous connection to one server or to a cluster, for test assertions: anything that
+/// takes a `redis::ConnectionLike` (`query`, `redis::Commands`) takes it.
+#[allow(missing_debug_implementations)] // the cluster connection is not Debug
+pub enum TestConnection {
+    Single(redis::Connection),
+    Cluster(Box<redis::cluster::ClusterConnection>),
+}
+
+impl redis::ConnectionLike for TestConnection {
+    fn req_packed_command(&mut self, cmd: &[u8]) -> redis::RedisResult<redis::Value> {
+        match self {
+            Self::Single(c) => c.req_packed_command(cmd),
+            Self::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands(
+        &mut self,
+        cmd: &[u8],
+        offset: usize,
+        count: usize,
+    ) -> redis::RedisResult<Vec<redis::Value>> {
+        match self {
+            Self::Single(c) => c.req_packed_commands(cmd, offset, count),
+            Self::Cluster(c) => c.req_packed_commands(cmd, offset, count),
+        }
+    }
+
+    fn req_command(&mut self, cmd: &redis::Cmd) -> redis::RedisResult<redis::Value> {
+        match self {
+            Self::Single(c) => c.req_command(cmd),
+            Self::Cluster(c) => c.req_command(cmd),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Self::Single(c) => c.get_db(),
+            Self::Cluster(c) => c.get_db(),
+        }
+    }
+
+    fn supports_pipelining(&self) -> bool {
+        match self {
+            Self::Single(c) => c.supports_pipelining(),
+            Self::Cluster(c) => c.supports_pipelining(),
+        }
+    }
+
+    fn check_connection(&mut self) -> bool {
+        match self {
+            Self::Single(c) => c.check_connection(),
+            Self::Cluster(c) => c.check_connection(),
+        }
+    }
+
+    fn is_open(&self) -> bool {
+        match self {
+            Self::Single(c) => c.is_open(),
+            Self::Cluster(c) => c.is_open(),
+        }
+    }
+}
+
+pub(crate) fn redis_server_path() -> PathBuf {
     std::env::var_os("REDIS_SERVER")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from("redis-server"))
@@ -231,7 +376,7 @@ pub fn test_config(redis_url: &str, overrides: &[(&str, &str)]) -> Config {
 
 /// A pool on `url` built like every Fanout process builds its own (`fanout_core::redis::pool`,
 /// with the default `[redis]` settings): tests exercise the same timeouts as production.
-pub fn redis_pool(url: &str) -> deadpool_redis::Pool {
+pub fn redis_pool(url: &str) -> fanout_core::redis::Pool {
     fanout_core::redis::pool(&test_config(url, &[]).redis).expect("redis pool")
 }
 

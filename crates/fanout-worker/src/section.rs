@@ -3,6 +3,8 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use deadpool_redis::redis;
+
 use fanout_aggregator::{Released, SectionResult, StartOutcome, Started, Store};
 use fanout_core::Config;
 use fanout_core::job::SectionJob;
@@ -64,7 +66,7 @@ impl WorkerDeps {
 }
 
 /// A deadpool-redis pool from the config (URL, size, command timeout).
-pub fn redis_pool(config: &Config) -> anyhow::Result<deadpool_redis::Pool> {
+pub fn redis_pool(config: &Config) -> anyhow::Result<fanout_core::redis::Pool> {
     fanout_core::redis::pool(&config.redis).map_err(anyhow::Error::msg)
 }
 
@@ -80,6 +82,51 @@ impl SectionHandler {
         let retry = RetryPolicy::from_queue_config(&deps.config.queue);
         Self { deps, retry }
     }
+}
+
+/// How long a job handed back because Redis was unavailable waits before it is claimed again.
+const REDIS_UNAVAILABLE_DELAY: Duration = Duration::from_secs(1);
+
+/// Whether `e` is Redis being unavailable for a while (connection refused or dropped, a
+/// timeout, a pool without connections, a cluster failing over, too few replicas), rather than
+/// an answer that repeating would not change (a script error, a corrupt record).
+fn redis_unavailable(e: &anyhow::Error) -> bool {
+    fn transient(e: &redis::RedisError) -> bool {
+        e.is_io_error()
+            || e.is_timeout()
+            || e.is_connection_dropped()
+            || e.is_connection_refusal()
+            || e.is_cluster_error()
+            || matches!(
+                e.kind(),
+                redis::ErrorKind::Server(
+                    redis::ServerErrorKind::TryAgain
+                        | redis::ServerErrorKind::ClusterDown
+                        | redis::ServerErrorKind::MasterDown
+                        | redis::ServerErrorKind::BusyLoading
+                        | redis::ServerErrorKind::ReadOnly
+                ) | redis::ErrorKind::ClusterConnectionNotFound
+            )
+    }
+    e.chain().any(|cause| {
+        if let Some(e) = cause.downcast_ref::<redis::RedisError>() {
+            return transient(e);
+        }
+        match cause.downcast_ref::<fanout_aggregator::Error>() {
+            Some(fanout_aggregator::Error::Redis(e)) => return transient(e),
+            Some(fanout_aggregator::Error::Pool(_)) => return true,
+            _ => {}
+        }
+        matches!(
+            cause.downcast_ref::<fanout_queue::Error>(),
+            Some(fanout_queue::Error::Redis(e)) if transient(e)
+        ) || matches!(
+            cause.downcast_ref::<fanout_queue::Error>(),
+            Some(fanout_queue::Error::Pool(_))
+        ) || cause
+            .downcast_ref::<fanout_core::redis::PoolError>()
+            .is_some()
+    })
 }
 
 impl Handler for SectionHandler {
@@ -106,6 +153,16 @@ impl Handler for SectionHandler {
                         .observe(started.elapsed().as_secs_f64());
                 }
                 outcome
+            }
+            // Redis unreachable, timing out, or failing over (a cluster shard without a
+            // master, or too few replicas for `redis.wait_replicas`): the job goes back without
+            // spending an attempt, as a provider that cannot be reached does. Nothing it did is
+            // lost: each step is idempotent and the next delivery repeats it.
+            Err(e) if redis_unavailable(&e) => {
+                tracing::warn!(report = %job.report_id, job = %job.job_id, error = %e, "Redis unavailable, job handed back");
+                Outcome::Release {
+                    delay: REDIS_UNAVAILABLE_DELAY,
+                }
             }
             Err(e) => {
                 tracing::warn!(report = %job.report_id, job = %job.job_id, error = %e, "job hit an infrastructure error, will retry");

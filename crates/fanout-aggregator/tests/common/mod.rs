@@ -11,10 +11,10 @@ use serde_json::{Value, json};
 pub struct Env {
     pub redis: RedisServer,
     pub store: Store,
-    pub pool: deadpool_redis::Pool,
+    pub pool: fanout_core::redis::Pool,
 }
 
-pub fn pool(url: &str) -> deadpool_redis::Pool {
+pub fn pool(url: &str) -> fanout_core::redis::Pool {
     fanout_test_support::redis_pool(url)
 }
 

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::http::StatusCode;
-use deadpool_redis::Pool;
+use fanout_core::redis::Pool;
 use redis::Script;
 
 use super::error::ApiError;

@@ -9,7 +9,7 @@ use fanout_core::Config;
 use fanout_queue::{NewJob, Queue};
 use fanout_test_support::{RedisServer, test_config};
 
-pub fn pool(url: &str) -> deadpool_redis::Pool {
+pub fn pool(url: &str) -> fanout_core::redis::Pool {
     fanout_test_support::redis_pool(url)
 }
 
@@ -73,26 +73,29 @@ where
     }
 }
 
-pub async fn redis_conn(url: &str) -> redis::aio::MultiplexedConnection {
-    redis::Client::open(url)
-        .unwrap()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap()
+/// A connection for assertions, to one server or to a cluster, like the queue's own.
+pub async fn redis_conn(url: &str) -> fanout_core::redis::Connection {
+    fanout_core::redis::PooledConnection::take(pool(url).get().await.unwrap())
 }
 
-/// Sum of `calls` over `INFO commandstats`, and the per-command map.
-pub async fn command_calls(
-    conn: &mut redis::aio::MultiplexedConnection,
-) -> (u64, Vec<(String, u64)>) {
-    let info: String = redis::cmd("INFO")
+/// Sum of `calls` over `INFO commandstats`, and the per-command map (summed over the masters
+/// of a cluster, which answers INFO with one text per node).
+pub async fn command_calls(conn: &mut fanout_core::redis::Connection) -> (u64, Vec<(String, u64)>) {
+    let info: redis::Value = redis::cmd("INFO")
         .arg("commandstats")
         .query_async(conn)
         .await
         .unwrap();
+    let texts: Vec<String> = match info {
+        redis::Value::Map(nodes) => nodes
+            .into_iter()
+            .map(|(_, text)| redis::from_redis_value(text).unwrap())
+            .collect(),
+        one => vec![redis::from_redis_value(one).unwrap()],
+    };
     let mut total = 0;
-    let mut per = Vec::new();
-    for line in info.lines() {
+    let mut per: Vec<(String, u64)> = Vec::new();
+    for line in texts.iter().flat_map(|t| t.lines()) {
         let Some(rest) = line.strip_prefix("cmdstat_") else {
             continue;
         };
@@ -105,7 +108,10 @@ pub async fn command_calls(
             .and_then(|v| v.parse::<u64>().ok())
             .unwrap_or(0);
         total += calls;
-        per.push((name.to_owned(), calls));
+        match per.iter_mut().find(|(n, _)| n == name) {
+            Some((_, c)) => *c += calls,
+            None => per.push((name.to_owned(), calls)),
+        }
     }
     (total, per)
 }

@@ -4,8 +4,8 @@
 use std::collections::BTreeMap;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use deadpool_redis::Pool;
 use fanout_core::config::{BudgetConfig, LimitCaps, ModelLimits};
+use fanout_core::redis::Pool;
 use fanout_ratelimit::Budget;
 
 pub const MODEL: &str = "gpt-4o-mini";
