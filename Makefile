@@ -21,9 +21,16 @@ demo: build ## run a startup report and a 20-persona panel end to end on the sim
 test: deps ## run every test (each test starts its own redis-server)
 	$(CARGO) test --locked --workspace
 
+# The integration tests that run again on a cluster (by target name; the whole workspace is
+# selected so the build is the one `make test` made): queue and worker (fanout-queue), admission,
+# learning and processes (fanout-ratelimit), aggregator and store (fanout-aggregator), api
+# (fanout-producer), provider_faults (fanout-worker), and the whole-system scenarios.
+CLUSTER_TESTS := --test queue --test worker --test admission --test learning --test processes \
+	--test aggregator --test store --test api --test provider_faults \
+	--test reports --test operate --test budget --test metrics --test failover
+
 test-cluster: deps ## the queue, budget and aggregator crates and the whole-system scenarios again, on a local 3-master Redis Cluster per test
-	FANOUT_TEST_REDIS=cluster $(CARGO) test --locked -p fanout-queue -p fanout-ratelimit -p fanout-aggregator -p fanout-producer -p fanout-worker
-	FANOUT_TEST_REDIS=cluster $(CARGO) test --locked -p fanout-cli --test reports --test operate --test budget --test metrics --test failover
+	FANOUT_TEST_REDIS=cluster $(CARGO) test --locked --workspace $(CLUSTER_TESTS)
 
 soak: deps ## the fault and load suites at soak size (release build, under 30 min); writes the figures into docs/reliability.md
 	CARGO=$(CARGO) scripts/soak.sh

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The fault suite (tests/chaos.rs) and the load bursts (tests/load.rs) at soak size
-# (FANOUT_SOAK=1), then the figures they print (`chaos:` and `load:` lines) written into
+# The fault suite (tests/chaos.rs), the Redis Cluster failovers (tests/failover.rs) and the load
+# bursts (tests/load.rs) at soak size (FANOUT_SOAK=1), then the figures they print (`chaos:`,
+# `failover:` and `load:` lines) written into
 # docs/reliability.md between its `soak-figures` markers, with the date, commit and machine.
 # A failing scenario fails the run and leaves the document as it was.
 #
@@ -14,7 +15,7 @@ block=$(mktemp)
 trap 'rm -f "$log" "$block"' EXIT
 
 started=$(date +%s)
-for t in chaos load; do
+for t in chaos failover load; do
   set +e
   FANOUT_SOAK=1 "${CARGO:-cargo}" test --release --locked -p fanout-cli --test "$t" \
     -- --nocapture --test-threads 1 2>&1 | tee -a "$log"
@@ -33,7 +34,7 @@ mem=$(awk '/MemTotal/ {printf "%.0f GiB", $2 / 1048576}' /proc/meminfo)
   echo "$(nproc) cores ($cpu), $mem; $minutes minutes in all. Every line is one scenario's figures:"
   echo
   echo '```text'
-  grep -E '^(chaos|load): ' "$log" | sed -E 's/^(chaos|load): //'
+  grep -E '^(chaos|failover|load): ' "$log" | sed -E 's/^(chaos|load): //'
   echo '```'
   echo
   echo "<!-- /soak-figures -->"

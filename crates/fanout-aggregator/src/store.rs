@@ -268,8 +268,11 @@ impl Store {
             .map_err(|e| self.broken(e))
     }
 
-    /// Create a report (one script): idempotency check, record, job states, dependency
-    /// counters, dependents index and the `report.created` event. Returns the jobs to enqueue.
+    /// Create a report in two scripts, one per hash slot: the idempotency check and the tenant
+    /// index (`index.lua`), then the record, job states, dependency counters, dependents index
+    /// and the `report.created` event (`create.lua`). Returns the jobs to enqueue. A repeat with
+    /// the same idempotency key returns the same report, creating it if the first try stopped
+    /// between the two scripts.
     pub async fn create(&self, r: NewReport) -> Result<Created> {
         check_graph(&r)?;
         if Lane::parse(&r.lane).is_none() {
