@@ -367,6 +367,38 @@ pub enum Connection {
 delegate_connection_like!(Connection);
 
 impl Connection {
+    /// Every key matching `pattern` (`SCAN … MATCH`, 500 at a time): for operator reads, never a
+    /// hot path. On a cluster the scan runs on the master serving the slot of the pattern's hash
+    /// tag, so `pattern` must start with one (`{ns:budget}:bucket:*`): a SCAN cursor belongs to
+    /// one node.
+    pub async fn scan_matching(&self, pattern: &str) -> Result<Vec<String>, RedisError> {
+        let mut cursor: u64 = 0;
+        let mut out = Vec::new();
+        loop {
+            let mut cmd = redis::cmd("SCAN");
+            cmd.arg(cursor)
+                .arg("MATCH")
+                .arg(pattern)
+                .arg("COUNT")
+                .arg(500);
+            let (next, keys): (u64, Vec<String>) = match self {
+                Self::Single(c) => cmd.query_async(&mut c.clone()).await?,
+                Self::Cluster(c) => {
+                    let route = RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(
+                        Route::new(key_slot(pattern.as_bytes()), SlotAddr::Master),
+                    ));
+                    redis::from_redis_value(c.clone().route_command(cmd, route).await?)
+                        .map_err(RedisError::from)?
+                }
+            };
+            out.extend(keys);
+            if next == 0 {
+                return Ok(out);
+            }
+            cursor = next;
+        }
+    }
+
     /// Send `cmds`, whose keys may sit in different hash slots, all at once and collect their
     /// replies in order. A pipeline may not cross slots on a cluster; concurrent commands on a
     /// multiplexed connection go out back to back all the same (one round trip per node).

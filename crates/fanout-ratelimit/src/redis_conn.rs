@@ -68,30 +68,14 @@ impl Redis {
         self.shared.check(e);
     }
 
-    /// Every key matching `pattern` (SCAN, 500 at a time): for operator reads, never a hot path.
+    /// Every key matching `pattern` (SCAN; on a cluster, on the node of the pattern's hash
+    /// tag): for operator reads, never a hot path.
     pub(crate) async fn scan(&self, pattern: &str) -> Result<Vec<String>> {
-        let mut conn = self.conn().await?;
-        let mut cursor: u64 = 0;
-        let mut out = Vec::new();
-        loop {
-            let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
-                .arg(cursor)
-                .arg("MATCH")
-                .arg(pattern)
-                .arg("COUNT")
-                .arg(500)
-                .query_async(&mut conn)
-                .await
-                .map_err(|e| {
-                    self.forget_on(&e);
-                    Error::Redis(e)
-                })?;
-            out.extend(keys);
-            if next == 0 {
-                return Ok(out);
-            }
-            cursor = next;
-        }
+        let conn = self.conn().await?;
+        conn.scan_matching(pattern).await.map_err(|e| {
+            self.forget_on(&e);
+            Error::Redis(e)
+        })
     }
 
     /// EVALSHA the invocation (loading the script on NOSCRIPT).

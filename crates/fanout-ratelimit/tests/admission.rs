@@ -568,3 +568,34 @@ async fn an_outlier_holds_the_budget_after_it_too() {
     assert!(gap < 200, "{gap} ms");
     b.settle(again, Some(100)).await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_budget_in_use_is_listed_whatever_node_holds_it() {
+    // On a cluster (make test-cluster) the budget's keys sit on one of three masters, and a
+    // SCAN cursor belongs to one node: the listing must scan that node, every time.
+    let redis = RedisServer::start();
+    let b = budget(
+        &redis.url(),
+        config(6_000, 10_000_000, 1.0, 100),
+        &["a", "b"],
+    );
+    for model in [MODEL, "gpt-4o"] {
+        for _ in 0..4 {
+            let mut req = request(10, Duration::from_secs(5));
+            req.model = model.into();
+            drop(b.acquire(req).await.unwrap());
+        }
+    }
+    for _ in 0..5 {
+        let listed = b.in_use().await.unwrap();
+        assert_eq!(
+            listed,
+            [
+                ("a".to_owned(), "gpt-4o".to_owned()),
+                ("a".to_owned(), "gpt-4o-mini".to_owned()),
+                ("b".to_owned(), "gpt-4o".to_owned()),
+                ("b".to_owned(), "gpt-4o-mini".to_owned()),
+            ]
+        );
+    }
+}
