@@ -123,6 +123,14 @@ pub(crate) enum ApiError {
     Server,
     #[error("The simulator is shutting down.")]
     ShuttingDown,
+    /// An error of the Files and Batch APIs, with its own status, `param` and `code`.
+    #[error("{message}")]
+    Rejected {
+        status: StatusCode,
+        message: String,
+        param: Option<&'static str>,
+        code: Option<&'static str>,
+    },
 }
 
 impl ApiError {
@@ -136,6 +144,7 @@ impl ApiError {
             }
             Self::Server => StatusCode::INTERNAL_SERVER_ERROR,
             Self::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Rejected { status, .. } => *status,
         }
     }
 
@@ -155,6 +164,7 @@ impl ApiError {
             Self::InsufficientQuota => ("insufficient_quota", Some("insufficient_quota")),
             Self::Server => ("server_error", None),
             Self::ShuttingDown => ("server_error", Some("service_unavailable")),
+            Self::Rejected { code, .. } => ("invalid_request_error", *code),
         }
     }
 
@@ -170,6 +180,7 @@ impl ApiError {
         let (kind, code) = self.kind_and_code();
         let param = match self {
             Self::ContextLength { .. } => Some("messages"),
+            Self::Rejected { param, .. } => *param,
             _ => None,
         };
         json!({
@@ -180,6 +191,32 @@ impl ApiError {
                 "code": code,
             }
         })
+    }
+}
+
+impl ApiError {
+    /// A 400 about one parameter of a Files or Batch API request.
+    pub(crate) fn invalid(
+        param: &'static str,
+        code: Option<&'static str>,
+        message: impl Into<String>,
+    ) -> Self {
+        Self::Rejected {
+            status: StatusCode::BAD_REQUEST,
+            message: message.into(),
+            param: Some(param),
+            code,
+        }
+    }
+
+    /// A 404 for an unknown (or another key's) file or batch.
+    pub(crate) fn no_such(param: &'static str, message: impl Into<String>) -> Self {
+        Self::Rejected {
+            status: StatusCode::NOT_FOUND,
+            message: message.into(),
+            param: Some(param),
+            code: None,
+        }
     }
 }
 

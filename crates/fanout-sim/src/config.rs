@@ -60,6 +60,22 @@ pub struct SimConfig {
     /// Context window: a request whose prompt plus `max_tokens` exceeds it gets a 400
     /// `context_length_exceeded`.
     pub context_window: u64,
+    /// Provider seconds a batch takes from creation to `completed`, multiplied by `time_scale`
+    /// like every latency (default 600: ten minutes). Finite and >= 0.
+    pub batch_turnaround_secs: f64,
+    /// The completion window in provider seconds (default 86,400: OpenAI's `24h`), multiplied
+    /// by `time_scale`; a batch whose turnaround is longer expires at its end. Finite and above 0.
+    pub batch_window_secs: f64,
+    /// Share of batch requests that fail with a 500 in the error file, in `[0, 1]`; drawn from
+    /// `seed` and the batch's rank, so the same run fails the same requests.
+    pub batch_line_error_rate: f64,
+    /// Enqueued-token limit of every model, per API key: prompt + `max_tokens` of all requests
+    /// of the batches that have not ended; a batch that would exceed it fails validation with
+    /// `token_limit_exceeded`. `0` means unlimited.
+    pub batch_queue_tokens: u64,
+    /// Enqueued-token limits of particular models, keyed by model id; they override
+    /// `batch_queue_tokens` (`0` = unlimited).
+    pub model_batch_queue_tokens: BTreeMap<String, u64>,
 }
 
 /// A model the simulator knows by name, with its latency profile.
@@ -195,6 +211,11 @@ impl Default for SimConfig {
             seed: 0,
             default_max_tokens: 256,
             context_window: 128_000,
+            batch_turnaround_secs: 600.0,
+            batch_window_secs: 86_400.0,
+            batch_line_error_rate: 0.0,
+            batch_queue_tokens: 0,
+            model_batch_queue_tokens: BTreeMap::new(),
         }
     }
 }
@@ -276,6 +297,30 @@ impl SimConfig {
         if self.context_window == 0 {
             return Err(invalid("context_window", "must be at least 1".to_owned()));
         }
+        if !self.batch_turnaround_secs.is_finite() || self.batch_turnaround_secs < 0.0 {
+            return Err(invalid(
+                "batch_turnaround_secs",
+                format!(
+                    "must be a finite number of seconds >= 0, got {}",
+                    self.batch_turnaround_secs
+                ),
+            ));
+        }
+        if !self.batch_window_secs.is_finite() || self.batch_window_secs <= 0.0 {
+            return Err(invalid(
+                "batch_window_secs",
+                format!(
+                    "must be a finite number of seconds above 0, got {}",
+                    self.batch_window_secs
+                ),
+            ));
+        }
+        if !(0.0..=1.0).contains(&self.batch_line_error_rate) {
+            return Err(invalid(
+                "batch_line_error_rate",
+                format!("must be in [0, 1], got {}", self.batch_line_error_rate),
+            ));
+        }
         validate_latency("default_model", &self.default_model)?;
         let mut names = std::collections::BTreeSet::new();
         for model in &self.models {
@@ -320,6 +365,14 @@ impl SimConfig {
             overrides.rpm.or(model_limits.rpm).unwrap_or(self.rpm),
             overrides.tpm.or(model_limits.tpm).unwrap_or(self.tpm),
         ))
+    }
+
+    /// The enqueued-token limit of `model`'s batch queue (`0` = unlimited).
+    pub(crate) fn batch_queue_limit(&self, model: &str) -> u64 {
+        self.model_batch_queue_tokens
+            .get(model)
+            .copied()
+            .unwrap_or(self.batch_queue_tokens)
     }
 
     /// How the limiters enforce the limits.
@@ -397,9 +450,22 @@ pub struct SimArgs {
     /// Share of requests refused with 429 insufficient_quota (0 to 1).
     #[arg(long)]
     pub quota_rate: Option<f64>,
-    /// Seed of the random draws (faults, latency jitter).
+    /// Seed of the random draws (faults, latency jitter, batch request errors).
     #[arg(long)]
     pub seed: Option<u64>,
+    /// Provider seconds a batch takes to complete (default 600), scaled by --time-scale.
+    #[arg(long, value_name = "SECONDS")]
+    pub batch_turnaround_secs: Option<f64>,
+    /// Completion window of a batch in provider seconds (default 86400, OpenAI's 24h); a longer
+    /// turnaround expires.
+    #[arg(long, value_name = "SECONDS")]
+    pub batch_window_secs: Option<f64>,
+    /// Share of batch requests that fail with a 500 in the error file (0 to 1).
+    #[arg(long, value_name = "SHARE")]
+    pub batch_line_error_rate: Option<f64>,
+    /// Enqueued-token limit of every model's batch queue, per API key (0 = unlimited).
+    #[arg(long, value_name = "TOKENS")]
+    pub batch_queue_tokens: Option<u64>,
 }
 
 impl SimArgs {
@@ -422,6 +488,16 @@ impl SimArgs {
         set(&mut config.quota_rate, self.quota_rate);
         set(&mut config.window_secs, self.window_secs);
         set(&mut config.neighbour_share, self.neighbour_share);
+        set(
+            &mut config.batch_turnaround_secs,
+            self.batch_turnaround_secs,
+        );
+        set(&mut config.batch_window_secs, self.batch_window_secs);
+        set(
+            &mut config.batch_line_error_rate,
+            self.batch_line_error_rate,
+        );
+        config.batch_queue_tokens = self.batch_queue_tokens.unwrap_or(config.batch_queue_tokens);
         config.limit_shape = self.limit_shape.unwrap_or(config.limit_shape);
         if self.no_rate_headers {
             config.rate_headers = false;
@@ -521,6 +597,8 @@ mod tests {
             config.model_limits_for("sk-sim-tier1", "gpt-4o"),
             Some((3_500, 30_000))
         );
+        assert_eq!(config.batch_queue_limit("gpt-4o"), 90_000);
+        assert_eq!(config.batch_queue_limit("gpt-4o-mini"), 2_000_000);
     }
 
     #[test]
@@ -598,6 +676,54 @@ mod tests {
         assert_eq!(config.model_limits_for("sk-a", "gpt-4o-mini"), None);
         assert_eq!(config.limits_for("sk-a"), (600, 10_000));
         assert!(SimConfig::from_toml_str("[model_limits.m]\nrpn = 1").is_err());
+    }
+
+    #[test]
+    fn batch_settings_from_toml_and_flags() {
+        let config = SimConfig::from_toml_str(
+            r#"
+            batch_turnaround_secs = 60
+            batch_queue_tokens = 2000000
+            [model_batch_queue_tokens]
+            "gpt-4o" = 90000
+            "#,
+        )
+        .unwrap();
+        assert_eq!(config.batch_turnaround_secs, 60.0);
+        assert_eq!(config.batch_window_secs, 86_400.0);
+        assert_eq!(config.batch_queue_limit("gpt-4o"), 90_000);
+        assert_eq!(config.batch_queue_limit("gpt-4o-mini"), 2_000_000);
+        for bad in [
+            "batch_turnaround_secs = -1",
+            "batch_window_secs = 0",
+            "batch_line_error_rate = 1.5",
+        ] {
+            assert!(SimConfig::from_toml_str(bad).is_err(), "{bad}");
+        }
+
+        let config = Cli::parse_from([
+            "sim",
+            "--batch-turnaround-secs",
+            "30",
+            "--batch-window-secs",
+            "20",
+            "--batch-line-error-rate",
+            "0.1",
+            "--batch-queue-tokens",
+            "5000",
+        ])
+        .sim
+        .into_config()
+        .unwrap();
+        assert_eq!(
+            (
+                config.batch_turnaround_secs,
+                config.batch_window_secs,
+                config.batch_line_error_rate,
+                config.batch_queue_tokens,
+            ),
+            (30.0, 20.0, 0.1, 5_000)
+        );
     }
 
     #[test]

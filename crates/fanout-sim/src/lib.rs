@@ -1,9 +1,11 @@
 #![doc = include_str!("../README.md")]
 
 mod api;
+mod batch;
 mod config;
 mod content;
 mod faults;
+mod files;
 mod latency;
 mod limits;
 mod server;
@@ -15,7 +17,7 @@ use std::path::PathBuf;
 pub use config::{KeyLimits, LatencySpec, LimitShape, ModelSpec, SimArgs, SimConfig};
 pub use server::{SimHandle, router, run, spawn};
 pub use sim::{RateEvent, Sim};
-pub use stats::{Counters, KeyStats, SimStats};
+pub use stats::{BatchStats, Counters, KeyStats, SimStats};
 
 /// Errors of the simulator's library API (all about its config).
 #[derive(Debug, thiserror::Error)]

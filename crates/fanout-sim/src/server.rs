@@ -36,6 +36,7 @@ pub fn router(sim: Sim) -> Router {
         .route("/v1/models/{model}", get(get_model))
         .route("/sim/stats", get(stats))
         .route("/sim/reset", post(reset))
+        .merge(crate::batch::routes(&sim))
         .fallback(unknown_url)
         .with_state(sim)
 }
@@ -108,7 +109,8 @@ impl SimHandle {
         self.sim.timeline()
     }
 
-    /// Clears counters, buckets and `fail_first` counts, the same as `POST /sim/reset`.
+    /// Clears counters, buckets, `fail_first` counts, files and batches, the same as
+    /// `POST /sim/reset`.
     pub fn reset(&self) {
         self.sim.reset();
     }
@@ -134,10 +136,7 @@ async fn chat_completions(State(sim): State<Sim>, headers: HeaderMap, body: Byte
     let id = sim.next_id();
     let Some(key) = bearer_token(&headers) else {
         sim.unauthenticated();
-        let error = ApiError::Unauthorized(
-            "You didn't provide an API key. You need to provide your API key in an Authorization header using Bearer auth (i.e. Authorization: Bearer YOUR_KEY).".to_owned(),
-        );
-        return with_request_id(error_response(&error), id);
+        return with_request_id(error_response(&missing_key()), id);
     };
     let decision = sim.decide(key, &body, id);
     let mut response = match decision.plan {
@@ -160,8 +159,15 @@ async fn chat_completions(State(sim): State<Sim>, headers: HeaderMap, body: Byte
     with_request_id(response, id)
 }
 
+/// The 401 of a request without a bearer token.
+pub(crate) fn missing_key() -> ApiError {
+    ApiError::Unauthorized(
+        "You didn't provide an API key. You need to provide your API key in an Authorization header using Bearer auth (i.e. Authorization: Bearer YOUR_KEY).".to_owned(),
+    )
+}
+
 /// The bearer token of the `Authorization` header, if there is a non-empty one.
-fn bearer_token(headers: &HeaderMap) -> Option<&str> {
+pub(crate) fn bearer_token(headers: &HeaderMap) -> Option<&str> {
     let value = headers.get(AUTHORIZATION)?.to_str().ok()?;
     let (scheme, token) = value.split_once(' ')?;
     let token = token.trim();
@@ -255,7 +261,7 @@ fn stream_frames(start: Instant, reply: &Reply) -> Vec<(Instant, Bytes)> {
     frames
 }
 
-fn error_response(error: &ApiError) -> Response {
+pub(crate) fn error_response(error: &ApiError) -> Response {
     let mut response = (error.status(), Json(error.body())).into_response();
     if let Some(wait) = error.retry_after() {
         let headers = response.headers_mut();
@@ -268,7 +274,7 @@ fn error_response(error: &ApiError) -> Response {
     response
 }
 
-fn with_request_id(mut response: Response, id: u64) -> Response {
+pub(crate) fn with_request_id(mut response: Response, id: u64) -> Response {
     if let Ok(value) = HeaderValue::from_str(&format!("req_sim{id:010}")) {
         response.headers_mut().insert("x-request-id", value);
     }

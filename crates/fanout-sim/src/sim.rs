@@ -29,6 +29,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::Result;
 use crate::api::{ApiError, ChatRequest, Completion};
+use crate::batch;
 use crate::config::SimConfig;
 use crate::content::{self, Answer};
 use crate::faults::{FailFirst, Markers, RandomFault};
@@ -50,6 +51,8 @@ struct Shared {
     shutdown: CancellationToken,
     next_id: AtomicU64,
     state: Mutex<State>,
+    /// Files and batches. Locked before `state` when both are needed, never after.
+    batches: Mutex<batch::Store>,
 }
 
 #[derive(Debug)]
@@ -138,6 +141,7 @@ impl Sim {
                 shutdown,
                 next_id: AtomicU64::new(1),
                 state: Mutex::new(state),
+                batches: Mutex::new(batch::Store::default()),
             }),
         })
     }
@@ -149,6 +153,11 @@ impl Sim {
 
     /// A snapshot of the counters, per key (by fingerprint) and in total.
     pub fn stats(&self) -> SimStats {
+        let batches = {
+            let mut store = self.batches();
+            store.advance(self, Instant::now());
+            store.stats()
+        };
         let mut state = self.lock();
         let now = Instant::now();
         let mut totals = state.totals.counters.clone();
@@ -179,17 +188,19 @@ impl Sim {
             totals,
             keys,
             unauthenticated: state.unauthenticated,
+            batches,
         }
     }
 
-    /// Back to the initial state: counters, rate-limit buckets, `fail_first` counts and the
-    /// random generator (reseeded), as if the simulator had just started.
     /// Every rate decision so far (admitted or refused with a 429 for the rate), oldest first.
     pub fn timeline(&self) -> Vec<RateEvent> {
         self.lock().timeline.clone()
     }
 
+    /// Back to the initial state: counters, rate-limit buckets, `fail_first` counts, the
+    /// random generator (reseeded), files and batches, as if the simulator had just started.
     pub fn reset(&self) {
+        *self.batches() = batch::Store::default();
         *self.lock() = State::new(self.shared.config.seed);
     }
 
@@ -203,6 +214,20 @@ impl Sim {
 
     pub(crate) fn unauthenticated(&self) {
         self.lock().unauthenticated += 1;
+    }
+
+    /// Records one more run of a request with these messages for `[sim:fail_first=N]`; true
+    /// while it is among the first `n`.
+    pub(crate) fn fail_first(&self, messages_hash: &str, n: u32) -> bool {
+        self.lock().fail_first.should_fail(messages_hash, n)
+    }
+
+    pub(crate) fn batches(&self) -> MutexGuard<'_, batch::Store> {
+        // Like `state`: every update leaves the store consistent.
+        self.shared
+            .batches
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -437,6 +462,64 @@ fn rate_limit_error(refusal: Refusal, cost: Cost) -> ApiError {
         },
         Refusal::TooLarge { limit, requested } => ApiError::TooLarge { limit, requested },
     }
+}
+
+/// A request of a batch, decided by the live endpoint's rules for everything but rate limits,
+/// latency and connection faults.
+#[derive(Debug)]
+pub(crate) struct Offline {
+    pub(crate) model: String,
+    pub(crate) prompt_tokens: u64,
+    pub(crate) max_tokens: u32,
+    pub(crate) answer: Answer,
+    /// `[sim:fail]`.
+    pub(crate) fail: bool,
+    /// `[sim:fail_first=N]`, with the messages hash it counts by.
+    pub(crate) fail_first: Option<(u32, String)>,
+}
+
+impl Offline {
+    /// What the request holds of its model's batch queue: the prompt and all of `max_tokens`,
+    /// as the live rate limiter charges.
+    pub(crate) fn queue_tokens(&self) -> u64 {
+        self.prompt_tokens + u64::from(self.max_tokens)
+    }
+
+    pub(crate) fn finish_reason(&self) -> &'static str {
+        if self.answer.hit_limit {
+            "length"
+        } else {
+            "stop"
+        }
+    }
+}
+
+/// Steps 2 and 3 (and the `[sim:quota]` marker of step 4) for a batch request's body: what a
+/// request gets before any metering.
+pub(crate) fn prepare_offline(
+    body: &[u8],
+    key: &str,
+    config: &SimConfig,
+) -> Result<Offline, ApiError> {
+    let prepared = prepare(body, config.default_max_tokens)?;
+    let Prepared {
+        request,
+        markers,
+        prompt_tokens,
+        max_tokens,
+        answer,
+    } = screen(prepared, key, config, RandomFault::None)?;
+    let fail_first = markers
+        .fail_first
+        .map(|n| (n, content::messages_hash(&request)));
+    Ok(Offline {
+        model: request.model,
+        prompt_tokens,
+        max_tokens,
+        answer,
+        fail: markers.fail,
+        fail_first,
+    })
 }
 
 fn prepare(body: &[u8], default_max_tokens: u32) -> Result<Prepared, ApiError> {

@@ -14,6 +14,43 @@ pub struct SimStats {
     pub keys: Vec<KeyStats>,
     /// Requests refused with 401 because they carried no bearer token.
     pub unauthenticated: u64,
+    /// What the Files and Batch APIs did; batch requests are in no other counter.
+    #[serde(default)]
+    pub batches: BatchStats,
+}
+
+/// The counters of the Files and Batch APIs, all keys together.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct BatchStats {
+    /// Batch input files uploaded (and accepted).
+    pub files_uploaded: u64,
+    /// Batches created, including those that then failed validation.
+    pub created: u64,
+    /// Batches that ended `completed`.
+    pub completed: u64,
+    /// Batches that ended `failed` (validation: the enqueued-token limit, mixed models).
+    pub failed: u64,
+    /// Batches that ended `expired`.
+    pub expired: u64,
+    /// Batches that ended `cancelled`.
+    pub cancelled: u64,
+    /// Requests of ended batches answered with a 200 (output file lines).
+    pub requests_completed: u64,
+    /// Requests of ended batches that failed with an error status (error file lines with a
+    /// `response`).
+    pub requests_failed: u64,
+    /// Requests left unfinished by expired batches (`batch_expired`).
+    pub requests_expired: u64,
+    /// Requests left unfinished by cancelled batches (`batch_cancelled`).
+    pub requests_cancelled: u64,
+    /// Prompt tokens reported in the `usage` of the answered batch requests.
+    pub prompt_tokens: u64,
+    /// Completion tokens reported in the `usage` of the answered batch requests.
+    pub completion_tokens: u64,
+    /// Tokens enqueued now: prompt + `max_tokens` of every request of the batches that have
+    /// not ended (and did not fail validation).
+    pub enqueued_tokens: u64,
 }
 
 /// The counters of one API key.
