@@ -204,8 +204,8 @@ async fn a_batch_runs_to_completion_and_answers_every_request_once() {
     // The 24 h window, scaled like the turnaround (1.5 s for 600 s).
     assert_eq!(created.expires_at, Some(created.created_at + 216));
 
-    let running = wait_for(&client, &created.id, BatchStatus::InProgress).await;
-    assert!(running.in_progress_at.is_some());
+    let running = wait_until(&client, &created.id, |batch| batch.in_progress_at.is_some()).await;
+    assert_ne!(running.status, BatchStatus::Validating);
     assert_eq!(running.request_counts.as_ref().unwrap().total, 20);
 
     let batch = wait_for(&client, &created.id, BatchStatus::Completed).await;
