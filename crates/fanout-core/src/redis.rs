@@ -12,6 +12,7 @@
 //! a connection-level error. Blocking reads (`XREADGROUP BLOCK`, `XREAD BLOCK`) get a connection
 //! of their own ([`Pool::blocking`]): nothing may queue behind a blocked command.
 
+use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -414,6 +415,51 @@ impl Connection {
     }
 }
 
+/// `INFO <section>` of every server that holds data: one server's text (its node name empty),
+/// or, on a cluster, each master's with its address (`host:port`), in address order.
+pub async fn info_by_node(
+    conn: &mut (impl ConnectionLike + Send),
+    section: &str,
+) -> Result<Vec<(String, String)>, RedisError> {
+    let info: Value = redis::cmd("INFO").arg(section).query_async(conn).await?;
+    let mut nodes = match info {
+        // A cluster connection asks every master and answers with a map node -> text.
+        Value::Map(nodes) => nodes
+            .into_iter()
+            .map(|(node, text)| {
+                Ok((
+                    redis::from_redis_value(node)?,
+                    redis::from_redis_value(text)?,
+                ))
+            })
+            .collect::<Result<Vec<_>, redis::ParsingError>>()?,
+        one => vec![(String::new(), redis::from_redis_value(one)?)],
+    };
+    nodes.sort();
+    Ok(nodes)
+}
+
+/// Each command's `calls` in `INFO commandstats` texts (one per node), summed over them, by
+/// name (`xadd`, `config|resetstat`).
+pub fn command_calls<'a>(infos: impl IntoIterator<Item = &'a str>) -> BTreeMap<String, u64> {
+    let mut calls: BTreeMap<String, u64> = BTreeMap::new();
+    for line in infos.into_iter().flat_map(str::lines) {
+        let Some((name, stats)) = line
+            .strip_prefix("cmdstat_")
+            .and_then(|l| l.split_once(':'))
+        else {
+            continue;
+        };
+        let n: u64 = stats
+            .split(',')
+            .find_map(|kv| kv.strip_prefix("calls="))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        *calls.entry(name.to_owned()).or_default() += n;
+    }
+    calls
+}
+
 fn try_again(detail: String) -> RedisError {
     RedisError::from((
         redis::ErrorKind::Server(redis::ServerErrorKind::TryAgain),
@@ -578,6 +624,21 @@ mod tests {
         assert_eq!(key_slot(b"foo{}{bar}"), key_slot(b"foo{}{bar}"));
         assert_ne!(key_slot(b"foo{}{bar}"), key_slot(b"bar"));
         assert_eq!(key_slot(b"{fanout:queue}:ready"), key_slot(b"fanout:queue"));
+    }
+
+    #[test]
+    fn command_calls_are_summed_over_nodes() {
+        let a = "# Commandstats\r\ncmdstat_xadd:calls=3,usec=10,usec_per_call=3.33,rejected_calls=0,failed_calls=0\r\ncmdstat_config|resetstat:calls=1,usec=2\r\n";
+        let b = "# Commandstats\r\ncmdstat_xadd:calls=4,usec=5\r\ncmdstat_get:calls=2,usec=1\r\n";
+        let calls = command_calls([a, b]);
+        assert_eq!(
+            calls.into_iter().collect::<Vec<_>>(),
+            [
+                ("config|resetstat".to_owned(), 1),
+                ("get".to_owned(), 2),
+                ("xadd".to_owned(), 7)
+            ]
+        );
     }
 
     #[test]

@@ -7,8 +7,9 @@
 //!
 //! It starts its own redis-server (fanout-test-support), or uses the one at `--redis-url` (it
 //! resets that server's INFO statistics; `bench/bullmq/run.sh` uses this to run BullMQ on the
-//! same server), and re-executes itself as the worker processes. It measures; it does not pass
-//! or fail.
+//! same server), and re-executes itself as the worker processes. `--redis-url` may name a Redis
+//! Cluster (`redis-cluster://…`); commands are then counted over its masters. It measures; it
+//! does not pass or fail.
 
 use std::io::Read;
 use std::process::{Child, Command, Stdio};
@@ -78,8 +79,7 @@ async fn main() -> anyhow::Result<()> {
             (Some(redis), url)
         }
     };
-    let client = redis::Client::open(url.as_str())?;
-    let mut conn = client.get_multiplexed_async_connection().await?;
+    let mut conn = fanout_core::redis::PooledConnection::take(pool(&url).get().await?);
 
     println!(
         "queue_bench: {jobs} no-op jobs, concurrency {concurrency} per process, redis at {url}\n"
@@ -212,38 +212,25 @@ async fn main() -> anyhow::Result<()> {
 }
 
 /// Sum of `calls` in `INFO commandstats`, less the benchmark's own INFO/CONFIG/XLEN/LLEN.
-async fn worker_calls(conn: &mut redis::aio::MultiplexedConnection) -> anyhow::Result<u64> {
+async fn worker_calls(conn: &mut fanout_core::redis::Connection) -> anyhow::Result<u64> {
     Ok(calls_by_command(conn).await?.iter().map(|(_, c)| c).sum())
 }
 
+/// `calls` per command in `INFO commandstats` (summed over a cluster's masters), most first.
 async fn calls_by_command(
-    conn: &mut redis::aio::MultiplexedConnection,
+    conn: &mut fanout_core::redis::Connection,
 ) -> anyhow::Result<Vec<(String, u64)>> {
-    let info: String = redis::cmd("INFO")
-        .arg("commandstats")
-        .query_async(conn)
-        .await?;
-    let mut out = Vec::new();
-    for line in info.lines() {
-        let Some((name, stats)) = line
-            .strip_prefix("cmdstat_")
-            .and_then(|l| l.split_once(':'))
-        else {
-            continue;
-        };
-        if matches!(
-            name,
-            "info" | "config|resetstat" | "config" | "xlen" | "llen" | "script|load"
-        ) {
-            continue;
-        }
-        let calls = stats
-            .split(',')
-            .find_map(|kv| kv.strip_prefix("calls="))
-            .and_then(|v| v.parse::<u64>().ok())
-            .unwrap_or(0);
-        out.push((name.to_owned(), calls));
-    }
+    let nodes = fanout_core::redis::info_by_node(conn, "commandstats").await?;
+    let mut out: Vec<(String, u64)> =
+        fanout_core::redis::command_calls(nodes.iter().map(|(_, text)| text.as_str()))
+            .into_iter()
+            .filter(|(name, _)| {
+                !matches!(
+                    name.as_str(),
+                    "info" | "config|resetstat" | "config" | "xlen" | "llen" | "script|load"
+                )
+            })
+            .collect();
     out.sort_by_key(|b| std::cmp::Reverse(b.1));
     Ok(out)
 }

@@ -81,37 +81,9 @@ pub async fn redis_conn(url: &str) -> fanout_core::redis::Connection {
 /// Sum of `calls` over `INFO commandstats`, and the per-command map (summed over the masters
 /// of a cluster, which answers INFO with one text per node).
 pub async fn command_calls(conn: &mut fanout_core::redis::Connection) -> (u64, Vec<(String, u64)>) {
-    let info: redis::Value = redis::cmd("INFO")
-        .arg("commandstats")
-        .query_async(conn)
+    let nodes = fanout_core::redis::info_by_node(conn, "commandstats")
         .await
         .unwrap();
-    let texts: Vec<String> = match info {
-        redis::Value::Map(nodes) => nodes
-            .into_iter()
-            .map(|(_, text)| redis::from_redis_value(text).unwrap())
-            .collect(),
-        one => vec![redis::from_redis_value(one).unwrap()],
-    };
-    let mut total = 0;
-    let mut per: Vec<(String, u64)> = Vec::new();
-    for line in texts.iter().flat_map(|t| t.lines()) {
-        let Some(rest) = line.strip_prefix("cmdstat_") else {
-            continue;
-        };
-        let Some((name, stats)) = rest.split_once(':') else {
-            continue;
-        };
-        let calls = stats
-            .split(',')
-            .find_map(|kv| kv.strip_prefix("calls="))
-            .and_then(|v| v.parse::<u64>().ok())
-            .unwrap_or(0);
-        total += calls;
-        match per.iter_mut().find(|(n, _)| n == name) {
-            Some((_, c)) => *c += calls,
-            None => per.push((name.to_owned(), calls)),
-        }
-    }
-    (total, per)
+    let per = fanout_core::redis::command_calls(nodes.iter().map(|(_, text)| text.as_str()));
+    (per.values().sum(), per.into_iter().collect())
 }
