@@ -9,6 +9,10 @@
 //!    share of the real limit used while there is a backlog, and how soon the 429s stop.
 //! 3. Worker memory: the resident memory of one `fanout worker` idle and with `--in-flight`
 //!    provider calls in flight.
+//! 4. Redis load (`bench_load`): commands and CPU per server (each master of a Redis Cluster)
+//!    while worker processes run at a plan's full rate.
+//!
+//! It starts a private redis-server, or runs against `--redis-url` (one server or a cluster).
 //!
 //! The output is markdown; `scripts/bench.sh` writes each part into BENCHMARKS.md.
 
@@ -43,30 +47,52 @@ pub(crate) struct BenchArgs {
     /// Calls in flight in the worker-memory benchmark.
     #[arg(long, default_value_t = 1000)]
     in_flight: usize,
-    /// Run only this part: reports, budget or memory.
-    #[arg(long, value_parser = ["reports", "budget", "memory"])]
+    #[command(flatten)]
+    load: crate::bench_load::LoadArgs,
+    /// Run only this part: reports, budget, memory or load.
+    #[arg(long, value_parser = ["reports", "budget", "memory", "load"])]
     only: Option<String>,
+    /// Run against this Redis (`redis://…`, or `redis-cluster://…` for a Redis Cluster) instead
+    /// of a private redis-server. Every run has a namespace of its own; its keys stay behind.
+    #[arg(long, value_name = "URL")]
+    redis_url: Option<String>,
 }
 
 pub(crate) async fn run(args: BenchArgs, shutdown: CancellationToken) -> anyhow::Result<ExitCode> {
     anyhow::ensure!(args.runs >= 1, "--runs must be at least 1");
-    let redis = LocalRedis::start().await?;
+    // Kept alive (and killed on drop) only when we started it.
+    let (_local, url) = match &args.redis_url {
+        Some(url) => (None, url.clone()),
+        None => {
+            let local = LocalRedis::start().await?;
+            let url = local.url();
+            (Some(local), url)
+        }
+    };
     println!("# fanout bench\n");
     let part = |name: &str| args.only.as_deref().is_none_or(|o| o == name);
     if part("reports") {
-        reports(&args, &redis.url(), &shutdown).await?;
+        reports(&args, &url, &shutdown).await?;
     }
     if part("budget") {
-        crate::bench_budget::run(&args.budget, &redis.url(), &shutdown).await?;
+        crate::bench_budget::run(&args.budget, &url, &shutdown).await?;
     }
     if part("memory") {
-        memory(&args, &redis.url(), &shutdown).await?;
+        memory(&args, &url, &shutdown).await?;
+    }
+    if part("load") {
+        crate::bench_load::run(&args.load, &url, &shutdown).await?;
     }
     Ok(ExitCode::SUCCESS)
 }
 
 /// Config for an in-process or child run against `sim_url`.
-fn env_for(redis_url: &str, sim_url: &str, namespace: &str, rpm: u64) -> HashMap<String, String> {
+pub(crate) fn env_for(
+    redis_url: &str,
+    sim_url: &str,
+    namespace: &str,
+    rpm: u64,
+) -> HashMap<String, String> {
     [
         ("REDIS_URL", redis_url),
         ("OPENAI_BASE_URL", sim_url),

@@ -15,6 +15,7 @@ use tokio_util::sync::CancellationToken;
 mod backend;
 mod bench;
 mod bench_budget;
+mod bench_load;
 mod demo;
 mod local_redis;
 mod ops;
@@ -69,7 +70,8 @@ enum Command {
     /// Run everything in one process on the simulated provider: a startup report and a
     /// 20-persona panel.
     Demo(demo::DemoArgs),
-    /// Measure report scheduling, the shared budget and worker memory on the simulated provider.
+    /// Measure report scheduling, the shared budget, worker memory and Redis load on the simulated
+    /// provider.
     Bench(bench::BenchArgs),
     /// Run the simulated OpenAI-compatible provider (latency model, rate limits, faults).
     Sim(fanout_sim::SimArgs),
