@@ -12,6 +12,8 @@
 #   queue          queue_bench: no-op jobs/s, Redis commands per job, idle pick-up latency
 #   budget-script  budget_bench: admissions/s and Redis time per budget script call
 #   waiting-room   waiting_room: 4,000 callers waiting on one budget of 30,000 RPM
+#   cluster        cluster_bench: one redis-server against a 3-master Redis Cluster, 3 rounds:
+#                  no-op jobs/s, report wall time, each master's load at 30,000 RPM (~8 minutes)
 #
 # The queue against BullMQ is `make bench-bullmq` (bench/bullmq/run.sh; it needs node). Each
 # output is also kept in $CARGO_TARGET_DIR/bench/NAME.md (target/bench/ by default).
@@ -21,7 +23,7 @@ root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cargo=${CARGO:-cargo}
 target=${CARGO_TARGET_DIR:-$root/target}
 out=$target/bench
-all=(reports budget memory queue budget-script waiting-room)
+all=(reports budget memory queue budget-script waiting-room cluster)
 if [[ $# -gt 0 ]]; then names=("$@"); else names=("${all[@]}"); fi
 
 # The command that reproduces each benchmark, as BENCHMARKS.md shows it.
@@ -31,6 +33,7 @@ command_for() {
     queue) echo "cargo run --release --locked -p fanout-queue --example queue_bench" ;;
     budget-script) echo "cargo run --release --locked -p fanout-ratelimit --example budget_bench" ;;
     waiting-room) echo "cargo run --release --locked -p fanout-ratelimit --example waiting_room" ;;
+    cluster) echo "cargo run --release --locked -p fanout-cli --example cluster_bench" ;;
     *) return 1 ;;
   esac
 }
@@ -52,6 +55,11 @@ for name in "${names[@]}"; do
     queue) "$cargo" run --quiet --release --locked -p fanout-queue --example queue_bench ;;
     budget-script) "$cargo" run --quiet --release --locked -p fanout-ratelimit --example budget_bench ;;
     waiting-room) "$cargo" run --quiet --release --locked -p fanout-ratelimit --example waiting_room ;;
+    cluster)
+      # It runs target/release/fanout and queue_bench as child processes.
+      "$cargo" build --quiet --release --locked -p fanout-queue --example queue_bench
+      "$cargo" run --quiet --release --locked -p fanout-cli --example cluster_bench
+      ;;
   esac | tee "$out/$name.md"
   scripts/bench-splice.sh "$name" "$out/$name.md" "$(command_for "$name")"
   echo
