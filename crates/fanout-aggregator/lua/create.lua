@@ -5,8 +5,9 @@
 -- KEYS[1..9]   the report keys (see lib.lua)
 --
 -- ARGV[1..3]   ttl, events maxlen, report id (see lib.lua)
--- ARGV[4]      m, the number of record fields that follow
--- ARGV[5 .. 4+2m]  record field, value pairs (tenant, template, inputs, lane, layout, …)
+-- ARGV[4]      created_at (ms): the score index.lua gave the report in the tenant's index
+-- ARGV[5]      m, the number of record fields that follow
+-- ARGV[6 .. 5+2m]  record field, value pairs (tenant, template, inputs, lane, layout, …)
 -- then per job, 5 values: job id, JobNode JSON, number of dependencies,
 --                         dependents JSON array ("" for none), flags ("", "s", "o", "so")
 --
@@ -18,16 +19,18 @@ if redis.call('EXISTS', KEYS[K_META]) == 1 then
   return { 'duplicate', REPORT_ID }
 end
 
-local now = now_ms()
-local m = tonumber(ARGV[4])
+-- The time index.lua listed it under (the tenant's index and `since` filters read that score),
+-- so that the record and the index agree.
+local now = tonumber(ARGV[4])
+local m = tonumber(ARGV[5])
 local record = { 'id', REPORT_ID, 'status', 'running', 'created_at', now, 'terminal', 0 }
-for i = 5, 4 + 2 * m do
+for i = 6, 5 + 2 * m do
   record[#record + 1] = ARGV[i]
 end
 
 local ready = { 'created', REPORT_ID }
 local jobs = 0
-local i = 5 + 2 * m
+local i = 6 + 2 * m
 while i <= #ARGV do
   local id, node, deps, dependents_json, flags = ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2]), ARGV[i + 3], ARGV[i + 4]
   jobs = jobs + 1

@@ -140,7 +140,7 @@ impl ReportKeys {
     }
 
     /// The KEYS[1..9] every report script gets (see `lua/lib.lua`).
-    pub(crate) fn script_keys(&self) -> [String; 9] {
+    pub fn script_keys(&self) -> [String; 9] {
         [
             self.meta(),
             self.nodes(),

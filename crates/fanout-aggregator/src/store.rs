@@ -28,6 +28,10 @@ pub const EVENTS_MAXLEN: usize = 10_000;
 /// Approximate cap of the notification stream (acknowledged entries are deleted anyway).
 pub const NOTIFY_MAXLEN: usize = 100_000;
 
+/// How long an index entry without its report is kept (ms): the index is written the step
+/// before the report, so a young entry may name a report being created.
+const YOUNG_MS: u64 = 60_000;
+
 /// The least a running report lives (`RUNNING_TTL` in `lua/lib.lua`).
 const RUNNING_TTL_SECS: u64 = 7 * 86_400;
 
@@ -251,8 +255,11 @@ impl Store {
     /// it acknowledges its work, and the scripts return the final status again on a repeat, so
     /// a crash in between notifies on the retry; a repeated notification assembles nothing
     /// twice (the assembly marker).
-    async fn notify_finished(&self, report_id: &str) -> Result<()> {
-        let mut conn = self.conn().await?;
+    async fn notify_finished(
+        &self,
+        conn: &mut fanout_core::redis::Connection,
+        report_id: &str,
+    ) -> Result<()> {
         redis::cmd("XADD")
             .arg(self.keys.notifications())
             .arg("MAXLEN")
@@ -263,7 +270,7 @@ impl Store {
             .arg(report_id)
             .arg("kind")
             .arg("report.finished")
-            .query_async::<()>(&mut conn)
+            .query_async::<()>(conn)
             .await
             .map_err(|e| self.broken(e))
     }
@@ -326,12 +333,13 @@ impl Store {
             })
             .arg(self.ttl_secs)
             .arg(self.ttl_secs.max(RUNNING_TTL_SECS) + self.ttl_secs);
+        // One connection for both steps and the barriers, so that each `WAIT` covers them.
         let mut conn = self.conn().await?;
         let reply: Vec<String> = index
             .invoke_async(&mut conn)
             .await
             .map_err(|e| self.broken(e))?;
-        drop(conn);
+        let created_at = reply.get(2).cloned().unwrap_or_default();
         let known = match (reply.first().map(String::as_str), reply.get(1)) {
             (Some("new"), Some(_)) => false,
             (Some("duplicate"), Some(id)) => {
@@ -351,9 +359,16 @@ impl Store {
             }
         };
 
+        // The key is on a replica before the report exists: a failover in between cannot
+        // lose the key of a created report (a retry would make a second one).
+        self.shared
+            .replicated(&conn, &[&self.keys.notifications()])
+            .await
+            .map_err(Error::Redis)?;
+
         // Step two, in the report's slot.
         let mut inv = self.invocation(&self.scripts.create, &report_id);
-        inv.arg(meta.len());
+        inv.arg(&created_at).arg(meta.len());
         for (k, v) in &meta {
             inv.arg(*k).arg(*v);
         }
@@ -376,12 +391,10 @@ impl Store {
                 .arg(deps_json)
                 .arg(flags);
         }
-        let mut conn = self.conn().await?;
         let reply: Vec<String> = inv
             .invoke_async(&mut conn)
             .await
             .map_err(|e| self.broken(e))?;
-        drop(conn);
         let created = match reply.first().map(String::as_str) {
             Some("created") => Created {
                 ready: parse_nodes(&reply[2..], &reply[1])?,
@@ -400,18 +413,22 @@ impl Store {
                 ));
             }
         };
-        self.replicated(&created.report_id).await?;
+        self.replicated(&conn, &created.report_id).await?;
         Ok(created)
     }
 
-    /// Wait until `redis.wait_replicas` replicas hold what this store wrote to the report's
-    /// slot and the namespace's (see `SharedConnection::replicated`): before a caller builds
-    /// on it in another slot, or answers a client.
-    async fn replicated(&self, report_id: &str) -> Result<()> {
+    /// Wait until `redis.wait_replicas` replicas hold what this store wrote on `conn` to the
+    /// report's slot and the namespace's (see `SharedConnection::replicated`): before a caller
+    /// builds on it in another slot, or answers a client.
+    async fn replicated(
+        &self,
+        conn: &fanout_core::redis::Connection,
+        report_id: &str,
+    ) -> Result<()> {
         let report = self.keys.report(report_id).meta();
         let notifications = self.keys.notifications();
         self.shared
-            .replicated(&[&report, &notifications])
+            .replicated(conn, &[&report, &notifications])
             .await
             .map_err(Error::Redis)
     }
@@ -709,7 +726,6 @@ impl Store {
             .invoke_async(&mut conn)
             .await
             .map_err(|e| self.broken(e))?;
-        drop(conn);
         let released = match reply.first().map(String::as_str) {
             Some("ok") => Released {
                 report_finished: reply.get(1).is_some_and(|s| s != "running"),
@@ -738,10 +754,10 @@ impl Store {
             }
         };
         if released.report_finished {
-            self.notify_finished(report_id).await?;
+            self.notify_finished(&mut conn, report_id).await?;
         }
         // The caller enqueues the dependents and acknowledges the job next (the queue's slot).
-        self.replicated(report_id).await?;
+        self.replicated(&conn, report_id).await?;
         Ok(released)
     }
 
@@ -757,7 +773,6 @@ impl Store {
             .invoke_async(&mut conn)
             .await
             .map_err(|e| self.broken(e))?;
-        drop(conn);
         let ids = match reply.first().map(String::as_str) {
             Some("cancelled") => reply.get(1),
             Some("finished") => reply.get(2),
@@ -771,8 +786,8 @@ impl Store {
         .ok_or_else(|| Error::corrupt(report_id, format!("cancel replied {reply:?}")))?;
         let ids = serde_json::from_str(ids)
             .map_err(|e| Error::corrupt(report_id, format!("cancelled ids: {e}")))?;
-        self.notify_finished(report_id).await?;
-        self.replicated(report_id).await?;
+        self.notify_finished(&mut conn, report_id).await?;
+        self.replicated(&conn, report_id).await?;
         Ok(ids)
     }
 
@@ -858,7 +873,7 @@ impl Store {
         ) {
             self.drop_webhook(&mut conn, report_id).await;
         }
-        self.replicated(report_id).await?;
+        self.replicated(&conn, report_id).await?;
         Ok(reopened)
     }
 
@@ -993,7 +1008,10 @@ impl Store {
                     id: id.clone(),
                 });
                 let Some(summary) = ReportSummary::from_meta(id, &meta) else {
-                    gone.push(id.clone());
+                    // Not yet, if it is young: its creation may be between its two steps.
+                    if *created < now_ms().saturating_sub(YOUNG_MS) {
+                        gone.push(id.clone());
+                    }
                     continue;
                 };
                 let wanted = query.status.is_none_or(|s| s == summary.status)
@@ -1059,7 +1077,7 @@ impl Store {
                 }
                 // An entry of the last minute may name a report being created right now (the
                 // index is written the step before the report): it is not forgotten yet.
-                let young = now_ms().saturating_sub(60_000) as f64;
+                let young = now_ms().saturating_sub(YOUNG_MS) as f64;
                 let (ids, scores): (Vec<String>, Vec<f64>) = entries.into_iter().unzip();
                 // One report per slot: sent together, not as a pipeline.
                 let exists: Vec<bool> = conn

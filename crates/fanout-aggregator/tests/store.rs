@@ -102,6 +102,39 @@ async fn idempotency_key_returns_the_first_report() {
 }
 
 #[tokio::test]
+async fn a_keyed_retry_heals_a_creation_stopped_between_its_two_steps() {
+    // Creation is two scripts in two hash slots: the idempotency key and the tenant's index,
+    // then the report. A first try that stopped in between left the key and nothing else (its
+    // index entry may be swept meanwhile); the retry with the same key creates that report,
+    // under the id the key names, and lists it again.
+    let env = env();
+    let mut r = diamond();
+    r.idempotency_key = Some("req-between".into());
+    let first = env.store.create(r.clone()).await.unwrap();
+    let mut c = env.redis.conn();
+    let keys = env.store.keys();
+    for key in keys.report(&first.report_id).script_keys() {
+        let _: () = c.del(key).unwrap();
+    }
+    let _: () = c
+        .zrem(keys.tenant_reports("acme"), &first.report_id)
+        .unwrap();
+
+    let retry = env.store.create(r.clone()).await.unwrap();
+    assert_eq!(retry.report_id, first.report_id);
+    assert_eq!(ids(&retry.ready), ["a", "b"]);
+    assert_eq!(
+        env.store.status(&first.report_id).await.unwrap(),
+        Some(ReportStatus::Running)
+    );
+    let listed: Vec<String> = c.zrange(keys.tenant_reports("acme"), 0, -1).unwrap();
+    assert_eq!(listed, std::slice::from_ref(&first.report_id));
+    // And a report whose creation is under way is not dropped from a listing meanwhile.
+    let page = env.store.list("acme", &ListQuery::default()).await.unwrap();
+    assert_eq!(page.reports.len(), 1);
+}
+
+#[tokio::test]
 async fn complete_releases_a_dependent_only_when_all_its_inputs_are_done() {
     let env = env();
     let r = env.store.create(diamond()).await.unwrap().report_id;

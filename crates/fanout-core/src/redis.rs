@@ -127,10 +127,16 @@ enum PoolInner {
     Single(deadpool_redis::Pool),
     Cluster {
         pool: managed::Pool<ClusterManager>,
+        /// Connections for blocking reads of up to [`BLOCKING_WINDOW`].
+        blocking: managed::Pool<ClusterManager>,
         nodes: Arc<Vec<String>>,
         timeout: Duration,
     },
 }
+
+/// The response timeout of a cluster connection kept for blocking reads: the longest block
+/// Fanout asks for, plus a margin (a longer one gets a connection of its own).
+const BLOCKING_WINDOW: Duration = Duration::from_secs(60);
 
 impl std::fmt::Debug for Pool {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -168,16 +174,24 @@ pub fn pool(config: &RedisConfig) -> Result<Pool, String> {
                 .map_err(|e| format!("redis url {}: {e}", redact_url(&config.url)))?;
             // Connecting to a cluster asks a seed for the slot map, then opens one connection
             // per master: allow a few command timeouts.
-            let pool = managed::Pool::builder(ClusterManager { client })
-                .max_size(config.pool_size)
-                .wait_timeout(Some(timeout))
-                .create_timeout(Some(timeout * 3))
-                .recycle_timeout(Some(timeout))
-                .runtime(deadpool::Runtime::Tokio1)
-                .build()
-                .map_err(|e| format!("redis pool for {}: {e}", redact_url(&config.url)))?;
+            let build = |client| {
+                managed::Pool::builder(ClusterManager { client })
+                    .max_size(config.pool_size)
+                    .wait_timeout(Some(timeout))
+                    .create_timeout(Some(timeout * 3))
+                    .recycle_timeout(Some(timeout))
+                    .runtime(deadpool::Runtime::Tokio1)
+                    .build()
+                    .map_err(|e| format!("redis pool for {}: {e}", redact_url(&config.url)))
+            };
+            let pool = build(client)?;
+            let blocking = build(
+                cluster_client(&nodes, BLOCKING_WINDOW)
+                    .map_err(|e| format!("redis url {}: {e}", redact_url(&config.url)))?,
+            )?;
             PoolInner::Cluster {
                 pool,
+                blocking,
                 nodes: Arc::new(nodes),
                 timeout,
             }
@@ -220,8 +234,9 @@ impl Pool {
     /// A connection of its own for a blocking read whose response may take `timeout`, kept in
     /// `slot` for the next read (clear the slot after an error). On one server the connection is
     /// taken out of the pool and its response timeout set for each read. A cluster connection's
-    /// timeout is fixed when it connects (to every master), so it is opened for at least 30 s
-    /// and replaced only when a longer read comes.
+    /// timeout is fixed when it connects (to every master): it comes from a second pool whose
+    /// connections wait up to a minute, and goes back there when the slot is dropped; a longer
+    /// read opens one of its own.
     pub async fn blocking<'a>(
         &self,
         slot: &'a mut Option<Blocking>,
@@ -233,26 +248,36 @@ impl Pool {
             (PoolInner::Cluster { .. }, Some(b)) => b.window >= timeout,
         };
         if !reusable {
+            // Back to its pool (if it came from one) before another is taken.
             *slot = None;
             let opened = match &self.inner {
                 PoolInner::Single(pool) => Blocking {
                     conn: Connection::Single(deadpool_redis::Connection::take(pool.get().await?)),
                     window: timeout,
+                    _lease: None,
                 },
+                PoolInner::Cluster { blocking, .. } if timeout <= BLOCKING_WINDOW => {
+                    let lease = blocking.get().await?;
+                    Blocking {
+                        conn: Connection::Cluster((*lease).clone()),
+                        window: BLOCKING_WINDOW,
+                        _lease: Some(lease),
+                    }
+                }
                 PoolInner::Cluster {
                     nodes,
                     timeout: connect,
                     ..
                 } => {
-                    let window = timeout.max(Duration::from_secs(30));
-                    let client = cluster_client(nodes, window).map_err(PoolError::Backend)?;
+                    let client = cluster_client(nodes, timeout).map_err(PoolError::Backend)?;
                     let conn = tokio::time::timeout(*connect * 3, client.get_async_connection())
                         .await
                         .map_err(|_| PoolError::Timeout(managed::TimeoutType::Create))?
                         .map_err(PoolError::Backend)?;
                     Blocking {
                         conn: Connection::Cluster(conn),
-                        window,
+                        window: timeout,
+                        _lease: None,
                     }
                 }
             };
@@ -298,7 +323,10 @@ impl managed::Manager for ClusterManager {
         conn: &mut ClusterConnection,
         _: &managed::Metrics,
     ) -> managed::RecycleResult<RedisError> {
-        redis::cmd("PING").query_async::<()>(conn).await?;
+        // One node is enough: the connection follows the cluster by itself, and a PING to
+        // every master would fail every checkout while one of them fails over.
+        let route = RoutingInfo::SingleNode(SingleNodeRoutingInfo::Random);
+        conn.route_command(redis::cmd("PING"), route).await?;
         Ok(())
     }
 }
@@ -497,6 +525,8 @@ pub fn key_slot(key: &[u8]) -> u16 {
 pub struct Blocking {
     conn: Connection,
     window: Duration,
+    /// The pooled cluster connection `conn` is a handle of, back to its pool on drop.
+    _lease: Option<managed::Object<ClusterManager>>,
 }
 
 /// One multiplexed connection shared by every non-blocking call of a component; cheap to clone.
@@ -528,24 +558,21 @@ impl SharedConnection {
     }
 
     /// A barrier after writes that a later step (in another slot, or a reply to a client)
-    /// builds on: returns once `redis.wait_replicas` replicas hold everything this connection
-    /// wrote so far to the masters of `keys` (`WAIT` on each; on one server, one `WAIT`), at
-    /// once when that is 0. Fewer within half of `redis.command_timeout_ms`, or no answer (a
-    /// master failing over), is an error (`TRYAGAIN`), and the caller retries as after any Redis
-    /// error: the write stands, and repeating it is idempotent.
-    pub async fn replicated(&self, keys: &[&str]) -> Result<(), RedisError> {
+    /// builds on: returns once `redis.wait_replicas` replicas hold everything `conn` (the
+    /// connection that made the writes, taken from [`SharedConnection::get`]) wrote so far to
+    /// the masters of `keys` (`WAIT` on each; on one server, one `WAIT`), at once when that is 0.
+    /// Fewer within half of `redis.command_timeout_ms`, or no answer (a master failing over), is
+    /// an error (`TRYAGAIN`), and the caller retries as after any Redis error: the write was
+    /// made on the master, and repeating it is idempotent.
+    pub async fn replicated(&self, conn: &Connection, keys: &[&str]) -> Result<(), RedisError> {
         let want = self.pool.wait_replicas;
         if want == 0 {
             return Ok(());
         }
-        let conn = self
-            .get()
-            .await
-            .map_err(|e| try_again(format!("no Redis connection to wait for replicas on: {e}")))?;
         let mut wait = redis::cmd("WAIT");
         wait.arg(want)
             .arg((self.pool.wait_timeout / 2).as_millis() as u64);
-        let acked: Vec<Result<i64, RedisError>> = match &conn {
+        let acked: Vec<Result<i64, RedisError>> = match conn {
             Connection::Single(c) => {
                 let mut c = c.clone();
                 vec![wait.query_async(&mut c).await]

@@ -230,7 +230,7 @@ impl Queue {
         // An enqueue is kept once it returns: `redis.wait_replicas` replicas hold it.
         self.inner
             .shared
-            .replicated(&[&keys.ready()])
+            .replicated(&conn, &[&keys.ready()])
             .await
             .map_err(|e| self.broken(e))?;
         if codes.len() != jobs.len() {

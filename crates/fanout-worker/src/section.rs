@@ -88,15 +88,15 @@ impl SectionHandler {
 const REDIS_UNAVAILABLE_DELAY: Duration = Duration::from_secs(1);
 
 /// Whether `e` is Redis being unavailable for a while (connection refused or dropped, a
-/// timeout, a pool without connections, a cluster failing over, too few replicas), rather than
-/// an answer that repeating would not change (a script error, a corrupt record).
+/// timeout, no connection to be had in time, a cluster failing over, too few replicas), rather
+/// than an answer that repeating would not change (a script error, a corrupt record, a wrong
+/// password, a `redis://` URL aimed at a cluster node or at a replica), which spends attempts.
 fn redis_unavailable(e: &anyhow::Error) -> bool {
     fn transient(e: &redis::RedisError) -> bool {
         e.is_io_error()
             || e.is_timeout()
             || e.is_connection_dropped()
             || e.is_connection_refusal()
-            || e.is_cluster_error()
             || matches!(
                 e.kind(),
                 redis::ErrorKind::Server(
@@ -104,28 +104,33 @@ fn redis_unavailable(e: &anyhow::Error) -> bool {
                         | redis::ServerErrorKind::ClusterDown
                         | redis::ServerErrorKind::MasterDown
                         | redis::ServerErrorKind::BusyLoading
-                        | redis::ServerErrorKind::ReadOnly
                 ) | redis::ErrorKind::ClusterConnectionNotFound
             )
+    }
+    fn pool(e: &fanout_core::redis::PoolError) -> bool {
+        match e {
+            fanout_core::redis::PoolError::Timeout(_) => true,
+            fanout_core::redis::PoolError::Backend(e) => transient(e),
+            _ => false,
+        }
     }
     e.chain().any(|cause| {
         if let Some(e) = cause.downcast_ref::<redis::RedisError>() {
             return transient(e);
         }
+        if let Some(e) = cause.downcast_ref::<fanout_core::redis::PoolError>() {
+            return pool(e);
+        }
         match cause.downcast_ref::<fanout_aggregator::Error>() {
             Some(fanout_aggregator::Error::Redis(e)) => return transient(e),
-            Some(fanout_aggregator::Error::Pool(_)) => return true,
+            Some(fanout_aggregator::Error::Pool(e)) => return pool(e),
             _ => {}
         }
-        matches!(
-            cause.downcast_ref::<fanout_queue::Error>(),
-            Some(fanout_queue::Error::Redis(e)) if transient(e)
-        ) || matches!(
-            cause.downcast_ref::<fanout_queue::Error>(),
-            Some(fanout_queue::Error::Pool(_))
-        ) || cause
-            .downcast_ref::<fanout_core::redis::PoolError>()
-            .is_some()
+        match cause.downcast_ref::<fanout_queue::Error>() {
+            Some(fanout_queue::Error::Redis(e)) => transient(e),
+            Some(fanout_queue::Error::Pool(e)) => pool(e),
+            _ => false,
+        }
     })
 }
 
