@@ -271,12 +271,14 @@ impl RedisCluster {
 
     /// SIGKILL the node on `port` (it stays down).
     pub fn kill_node(&mut self, port: u16) {
-        let node = self
-            .nodes
+        self.node_mut(port).kill();
+    }
+
+    fn node_mut(&mut self, port: u16) -> &mut Node {
+        self.nodes
             .iter_mut()
             .find(|n| n.port == port)
-            .unwrap_or_else(|| panic!("no node of this cluster on port {port}"));
-        node.kill();
+            .unwrap_or_else(|| panic!("no node of this cluster on port {port}"))
     }
 
     /// Start the node on `port` again after [`RedisCluster::kill_node`], from its
@@ -285,11 +287,7 @@ impl RedisCluster {
     /// pod of a managed cluster does). Waits until it answers.
     pub fn restart_node(&mut self, port: u16) {
         let timeout = self.node_timeout_ms;
-        let node = self
-            .nodes
-            .iter_mut()
-            .find(|n| n.port == port)
-            .unwrap_or_else(|| panic!("no node of this cluster on port {port}"));
+        let node = self.node_mut(port);
         node.kill();
         node.spawn(timeout).expect("restart a cluster node");
         node.wait_ready().expect("restarted cluster node answers");

@@ -82,12 +82,8 @@ impl RedisServer {
         }
     }
 
-    /// The cluster this test runs on, in [`cluster_mode`] or [`RedisServer::on_cluster`].
-    pub fn cluster(&self) -> Option<&RedisCluster> {
-        self.cluster.as_ref()
-    }
-
-    /// The cluster, to kill its nodes.
+    /// The cluster this test runs on, in [`cluster_mode`] or [`RedisServer::on_cluster`], to
+    /// kill its nodes.
     pub fn cluster_mut(&mut self) -> Option<&mut RedisCluster> {
         self.cluster.as_mut()
     }
