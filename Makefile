@@ -27,7 +27,7 @@ test: deps ## run every test (each test starts its own redis-server)
 # (fanout-producer), provider_faults (fanout-worker), and the whole-system scenarios.
 CLUSTER_TESTS := --test queue --test worker --test admission --test learning --test processes \
 	--test aggregator --test store --test api --test provider_faults \
-	--test reports --test operate --test budget --test metrics --test failover
+	--test reports --test operate --test budget --test metrics --test failover --test batch_api
 
 test-cluster: deps ## the queue, budget and aggregator crates and the whole-system scenarios again, on a local 3-master Redis Cluster per test
 	FANOUT_TEST_REDIS=cluster $(CARGO) test --locked --workspace $(CLUSTER_TESTS)

@@ -49,6 +49,7 @@ fn result(text: String) -> SectionResult {
         latency_ms: 2000,
         attempts: 1,
         cached: false,
+        batch_api: false,
     }
 }
 
@@ -115,6 +116,7 @@ async fn main() {
                 lane: "batch".into(),
                 idempotency_key: None,
                 callback_url: None,
+                batch_api: None,
             })
             .await
             .unwrap();

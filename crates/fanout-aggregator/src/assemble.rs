@@ -145,6 +145,9 @@ fn section_footer(s: &SectionView) -> String {
     if s.cached {
         parts.push("cached".into());
     }
+    if s.batch_api {
+        parts.push("batch API".into());
+    }
     parts.join(" · ")
 }
 
@@ -200,6 +203,13 @@ pub struct ReportDocument {
     pub title: String,
     pub status: ReportStatus,
     pub lane: Lane,
+    /// The sections ran through the provider's Batch API (each section's `batch_api` says
+    /// whether its answer came from a batch).
+    #[serde(default)]
+    pub batch_api: bool,
+    /// When a `batch_api` report had to be finished (milliseconds since the Unix epoch).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deadline_at: Option<u64>,
     /// Milliseconds since the Unix epoch (Redis clock).
     pub created_at: u64,
     pub finished_at: Option<u64>,
@@ -289,6 +299,8 @@ pub fn report_document(view: &ReportView) -> ReportDocument {
         title: view.title.clone(),
         status: view.status,
         lane: view.lane,
+        batch_api: view.batch_api,
+        deadline_at: view.deadline_at,
         created_at: view.created_at,
         finished_at: view.finished_at,
         totals: view.totals.clone(),
@@ -488,6 +500,7 @@ mod tests {
             latency_ms: Some(5),
             attempts: 1,
             cached: false,
+            batch_api: false,
             started_at: Some(1_000),
             finished_at: Some(2_000),
         }
@@ -503,6 +516,8 @@ mod tests {
             title: "Persona panel".into(),
             status: ReportStatus::Completed,
             lane: Lane::Interactive,
+            batch_api: false,
+            deadline_at: None,
             created_at: 0,
             finished_at: Some(1),
             callback_url: None,
@@ -533,6 +548,8 @@ mod tests {
             title: "Persona panel".into(),
             status: ReportStatus::Completed,
             lane: Lane::Interactive,
+            batch_api: false,
+            deadline_at: None,
             created_at: 1_709_210_096_789,
             finished_at: Some(1_709_210_099_000),
             callback_url: Some("https://example.com/hook".into()),

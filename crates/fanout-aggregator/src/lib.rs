@@ -18,8 +18,8 @@ pub use assemble::{
 pub use error::{Error, Result};
 pub use keys::{Keys, ReportKeys, is_report_id};
 pub use store::{
-    Created, Cursor, EVENTS_MAXLEN, Format, JobContext, ListQuery, NOTIFY_MAXLEN, NewReport,
-    Released, Reopened, ReportEvent, ReportPage, ReportSummary, SectionResult, StartOutcome,
-    Started, Store,
+    BatchApi, Created, Cursor, EVENTS_MAXLEN, Format, JobContext, ListQuery, NOTIFY_MAXLEN,
+    NewReport, Released, Reopened, ReportEvent, ReportPage, ReportSummary, SectionResult,
+    StartOutcome, Started, Store,
 };
 pub use view::{ReportView, SectionView, Totals, WebhookState, WebhookStatus};

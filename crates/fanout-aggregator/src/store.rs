@@ -50,6 +50,16 @@ pub struct NewReport {
     /// of reports).
     pub idempotency_key: Option<String>,
     pub callback_url: Option<String>,
+    /// Run the sections through the provider's Batch API.
+    pub batch_api: Option<BatchApi>,
+}
+
+/// A report's request to run through the provider's Batch API.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct BatchApi {
+    /// The report must be finished this long after it was submitted: sections a batch would
+    /// not answer in time run as live calls.
+    pub deadline_secs: Option<u64>,
 }
 
 /// What `create` did.
@@ -65,7 +75,15 @@ pub struct Created {
 
 /// The report fields a job's context is built from, in the order [`Store::build_context`]
 /// reads them.
-const CONTEXT_META: [&str; 5] = ["template", "inputs", "layout", "lane", "tenant"];
+const CONTEXT_META: [&str; 7] = [
+    "template",
+    "inputs",
+    "layout",
+    "lane",
+    "tenant",
+    "batch_api",
+    "deadline_ms",
+];
 
 /// Whether a worker should run the job it claimed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -100,6 +118,9 @@ pub struct SectionResult {
     pub latency_ms: u64,
     pub attempts: u32,
     pub cached: bool,
+    /// Answered through the provider's Batch API (and priced at its batch price).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub batch_api: bool,
 }
 
 /// What a `complete` or `fail` released.
@@ -147,6 +168,10 @@ pub struct JobContext {
     pub lane: Lane,
     /// The tenant that submitted the report.
     pub tenant: String,
+    /// The report runs through the provider's Batch API.
+    pub batch_api: bool,
+    /// When the report must be finished (unix ms), if it said.
+    pub deadline_ms: Option<u64>,
 }
 
 /// One entry of a report's event stream; over the API, the `data` of an SSE event whose
@@ -307,6 +332,9 @@ impl Store {
         if let Some(key) = &r.idempotency_key {
             meta.push(("idempotency_key", key));
         }
+        if r.batch_api.is_some() {
+            meta.push(("batch_api", "1"));
+        }
 
         let mut dependents: HashMap<&str, Vec<&str>> = HashMap::new();
         for node in &r.graph.jobs {
@@ -366,11 +394,21 @@ impl Store {
             .await
             .map_err(Error::Redis)?;
 
-        // Step two, in the report's slot.
+        // Step two, in the report's slot. The deadline counts from the creation time the
+        // index step gave (the same on a repeat).
+        let deadline = r
+            .batch_api
+            .and_then(|b| b.deadline_secs)
+            .zip(created_at.parse::<u64>().ok())
+            .map(|(secs, created)| (created + secs.saturating_mul(1000)).to_string());
         let mut inv = self.invocation(&self.scripts.create, &report_id);
-        inv.arg(&created_at).arg(meta.len());
+        let fields = meta.len() + usize::from(deadline.is_some());
+        inv.arg(&created_at).arg(fields);
         for (k, v) in &meta {
             inv.arg(*k).arg(*v);
+        }
+        if let Some(deadline) = &deadline {
+            inv.arg("deadline_ms").arg(deadline);
         }
         for node in &r.graph.jobs {
             let spec = r.template.section(&node.section);
@@ -632,6 +670,8 @@ impl Store {
             };
             deps.insert(section, out);
         }
+        let batch_api = meta.next().flatten().is_some_and(|v| v == "1");
+        let deadline_ms = meta.next().flatten().and_then(|v| v.parse().ok());
         Ok(JobContext {
             template,
             inputs,
@@ -640,6 +680,8 @@ impl Store {
             state,
             lane: lane.and_then(|l| Lane::parse(&l)).unwrap_or_default(),
             tenant: tenant.flatten().unwrap_or_default(),
+            batch_api,
+            deadline_ms,
         })
     }
 
@@ -1388,11 +1430,15 @@ impl ReportSummary {
 /// a `serde_json::Value`, whose objects keep their keys sorted, so key order does not matter.
 fn fingerprint(r: &NewReport) -> String {
     use sha2::{Digest, Sha256};
-    let request = serde_json::json!({
+    let mut request = serde_json::json!({
         "template": r.template.name,
         "inputs": r.inputs,
         "lane": r.lane,
         "callback_url": r.callback_url,
     });
+    // Only when asked for: a key's fingerprint from before batch mode existed stays the same.
+    if let Some(batch) = &r.batch_api {
+        request["batch_api"] = serde_json::json!(batch);
+    }
     hex::encode(Sha256::digest(request.to_string().as_bytes()))
 }

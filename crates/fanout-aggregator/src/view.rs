@@ -24,6 +24,14 @@ pub struct ReportView {
     pub title: String,
     pub status: ReportStatus,
     pub lane: Lane,
+    /// The sections run through the provider's Batch API (half the price, answers within
+    /// 24 h); each section's `batch_api` says whether its answer came from a batch.
+    #[serde(default)]
+    pub batch_api: bool,
+    /// When a `batch_api` report must be finished (milliseconds since the Unix epoch):
+    /// sections a batch would not answer in time run as live calls.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deadline_at: Option<u64>,
     /// Milliseconds since the Unix epoch (Redis clock).
     pub created_at: u64,
     pub finished_at: Option<u64>,
@@ -111,6 +119,9 @@ pub struct SectionView {
     /// finished it when more.
     pub attempts: u32,
     pub cached: bool,
+    /// Answered through the provider's Batch API, at its batch price.
+    #[serde(default)]
+    pub batch_api: bool,
     pub started_at: Option<u64>,
     pub finished_at: Option<u64>,
 }
@@ -177,7 +188,7 @@ pub(crate) fn item_label(
 }
 
 /// The record fields a view reads, in HMGET order.
-pub(crate) const META_FIELDS: [&str; 14] = [
+pub(crate) const META_FIELDS: [&str; 16] = [
     "id",
     "tenant",
     "name",
@@ -192,6 +203,8 @@ pub(crate) const META_FIELDS: [&str; 14] = [
     "webhook_attempts",
     "webhook_next_at",
     "webhook_error",
+    "batch_api",
+    "deadline_ms",
 ];
 
 /// Raw Redis data of one report, as read by `Store::view`.
@@ -258,6 +271,7 @@ pub(crate) fn build(report: &str, raw: RawReport, now_ms: u64) -> Result<Option<
             latency_ms: None,
             attempts: started,
             cached: false,
+            batch_api: false,
             started_at: info(&entry.id, "started").and_then(|v| v.parse().ok()),
             finished_at: info(&entry.id, "finished").and_then(|v| v.parse().ok()),
         };
@@ -270,6 +284,7 @@ pub(crate) fn build(report: &str, raw: RawReport, now_ms: u64) -> Result<Option<
             s.latency_ms = Some(r.latency_ms);
             s.attempts = s.attempts.max(r.attempts);
             s.cached = r.cached;
+            s.batch_api = r.batch_api;
         }
         totals.prompt_tokens += s.prompt_tokens;
         totals.completion_tokens += s.completion_tokens;
@@ -295,6 +310,8 @@ pub(crate) fn build(report: &str, raw: RawReport, now_ms: u64) -> Result<Option<
         title: field(3).unwrap_or_default(),
         status,
         lane,
+        batch_api: field(14).is_some_and(|v| v == "1"),
+        deadline_at: field(15).and_then(|v| v.parse().ok()),
         created_at,
         finished_at,
         callback_url: field(8),

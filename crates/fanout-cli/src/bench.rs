@@ -328,6 +328,8 @@ async fn run_report(
                 lane: None,
                 idempotency_key: None,
                 callback_url: None,
+                batch_api: None,
+                deadline_secs: None,
             },
         )
         .await
@@ -516,6 +518,8 @@ pub(crate) async fn submit_persona_backlog(
             lane,
             idempotency_key: None,
             callback_url: None,
+            batch_api: None,
+            deadline_secs: None,
         };
         let submitted = producer
             .submit("default", request)

@@ -144,6 +144,8 @@ pub(crate) async fn run(args: DemoArgs, shutdown: CancellationToken) -> anyhow::
                     lane: None,
                     idempotency_key: None,
                     callback_url: None,
+                    batch_api: None,
+                    deadline_secs: None,
                 },
             )
             .await

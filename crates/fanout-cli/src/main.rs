@@ -55,6 +55,9 @@ enum Command {
     Watch(report_cmds::WatchArgs),
     /// Print a report (partial while it runs) as Markdown or JSON.
     Report(report_cmds::ReportArgs),
+    /// Cancel a running report: its queued sections are dropped, its lines in the Batch API
+    /// lane too (and their batch, when no other report shares it).
+    Cancel(report_cmds::CancelArgs),
     /// A tenant's reports, newest first.
     #[command(visible_alias = "ls")]
     Reports(report_cmds::ReportsArgs),
@@ -138,6 +141,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Submit(_)
             | Command::Watch(_)
             | Command::Report(_)
+            | Command::Cancel(_)
             | Command::Reports(_)
             | Command::Status(_)
             | Command::Dead(_)
@@ -262,6 +266,9 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Report(args) => {
             return report_cmds::report(&backend(&cli.remote, config_path)?, args).await;
+        }
+        Command::Cancel(args) => {
+            return report_cmds::cancel(&backend(&cli.remote, config_path)?, args).await;
         }
         Command::Bench(args) => {
             telemetry::init_from_env_with("warn");

@@ -36,6 +36,17 @@ pub(crate) struct SubmitArgs {
     /// Queue lane: interactive (default) or batch.
     #[arg(long, value_parser = parse_lane)]
     lane: Option<Lane>,
+    /// Run the sections through the provider's Batch API (half the price, answers within
+    /// 24 h); the template's `batch_api` is the default.
+    #[arg(long, conflicts_with = "live")]
+    batch_api: bool,
+    /// Run the sections as live calls, even when the template asks for the Batch API.
+    #[arg(long)]
+    live: bool,
+    /// With batch mode: finish within this many seconds; sections a batch would not answer
+    /// in time run as live calls.
+    #[arg(long, value_name = "SECS", conflicts_with = "live")]
+    deadline_secs: Option<u64>,
     /// With --wait, show live progress.
     #[arg(long)]
     progress: bool,
@@ -87,6 +98,37 @@ pub(crate) struct ReportArgs {
     output: Option<PathBuf>,
 }
 
+#[derive(Debug, clap::Args)]
+pub(crate) struct CancelArgs {
+    /// The report id that `fanout submit` printed.
+    id: String,
+}
+
+/// Cancel a running report; a report already cancelled is fine, a finished one is an error.
+pub(crate) async fn cancel(backend: &Backend, args: CancelArgs) -> anyhow::Result<ExitCode> {
+    let status = match backend {
+        Backend::Local(local) => {
+            let store = local.store()?;
+            let status = store
+                .status(&args.id)
+                .await?
+                .ok_or_else(|| anyhow::anyhow!("no report `{}` (unknown, or expired)", args.id))?;
+            if status.is_terminal() && status != ReportStatus::Cancelled {
+                anyhow::bail!("report `{}` already finished ({status})", args.id);
+            }
+            local
+                .producer()?
+                .cancel(&args.id)
+                .await
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            ReportStatus::Cancelled
+        }
+        Backend::Remote(client) => client.cancel(&args.id).await.map_err(remote_error)?.status,
+    };
+    println!("{} {status}", args.id);
+    Ok(ExitCode::SUCCESS)
+}
+
 pub(crate) fn read_inputs(path: &Path) -> anyhow::Result<serde_json::Value> {
     let text = if path == Path::new("-") {
         std::io::read_to_string(std::io::stdin()).context("cannot read the inputs from stdin")?
@@ -110,6 +152,12 @@ pub(crate) async fn submit(backend: &Backend, args: SubmitArgs) -> anyhow::Resul
         lane: args.lane,
         idempotency_key: args.idempotency_key,
         callback_url: args.callback_url,
+        batch_api: match (args.batch_api, args.live) {
+            (true, _) => Some(true),
+            (_, true) => Some(false),
+            _ => None,
+        },
+        deadline_secs: args.deadline_secs,
     };
     let (id, duplicate, warnings) = match backend {
         Backend::Local(local) => {

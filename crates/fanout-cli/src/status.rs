@@ -138,6 +138,11 @@ fn print_status(s: &SystemStatus) {
         "webhooks: {} in the outbox, {} dead (fanout webhooks dead)",
         s.webhooks.pending, s.webhooks.dead
     );
+    let b = &s.batch_api;
+    println!(
+        "batch API: {} sections waiting for a batch, {} in {} open batches ({} enqueued tokens)",
+        b.waiting, b.in_batches, b.open_batches, b.enqueued_tokens
+    );
 }
 
 fn now_ms() -> u64 {

@@ -112,10 +112,13 @@ struct RawConfig {
     metrics: MetricsConfig,
     log: LogConfig,
     webhooks: WebhooksConfig,
+    batch_api: RawBatchApi,
     #[serde(default)]
     prices: BTreeMap<String, Price>,
     #[serde(default)]
     budget_models: BTreeMap<String, ModelLimits>,
+    #[serde(default)]
+    batch_api_models: BTreeMap<String, u64>,
     #[serde(default)]
     budget_tenants: BTreeMap<String, f64>,
 }
@@ -402,17 +405,86 @@ pub struct LogConfig {
     pub level: String,
 }
 
-/// Price of a model, in currency units per million tokens.
+/// Price of a model, in currency units per million tokens: live calls, and requests run
+/// through the provider's Batch API (half the live price unless set).
 #[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Price {
     pub input: f64,
     pub output: f64,
+    #[serde(default)]
+    pub batch_input: Option<f64>,
+    #[serde(default)]
+    pub batch_output: Option<f64>,
 }
 
 impl Price {
+    /// A live price; its batch price is half of it.
+    pub fn new(input: f64, output: f64) -> Self {
+        Self {
+            input,
+            output,
+            batch_input: None,
+            batch_output: None,
+        }
+    }
+
     pub fn cost(&self, prompt_tokens: u64, completion_tokens: u64) -> f64 {
         (prompt_tokens as f64 * self.input + completion_tokens as f64 * self.output) / 1e6
+    }
+
+    /// The price of the same tokens through the Batch API.
+    pub fn batch(&self) -> Self {
+        Self::new(
+            self.batch_input.unwrap_or(self.input / 2.0),
+            self.batch_output.unwrap_or(self.output / 2.0),
+        )
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBatchApi {
+    collect_ms: u64,
+    poll_ms: u64,
+    live_margin_secs: u64,
+    max_requests: usize,
+    max_file_bytes: usize,
+    enqueued_tokens: u64,
+    learned_ttl_secs: u64,
+}
+
+/// The lane on the provider's Batch API: how lines are gathered into batches, polled, and
+/// kept within the provider's enqueued-token limit.
+#[derive(Debug, Clone)]
+pub struct BatchApiConfig {
+    /// How long the oldest waiting line waits for others before its batch is submitted.
+    pub collect_ms: u64,
+    /// How often a submitted batch is looked at.
+    pub poll_ms: u64,
+    /// A line whose report's deadline is nearer than this runs as a live call instead.
+    pub live_margin_secs: u64,
+    /// Most requests in one batch input file (the provider's limit: 50,000).
+    pub max_requests: usize,
+    /// Most bytes of one batch input file (the provider's limit: 200 MB).
+    pub max_file_bytes: usize,
+    /// Enqueued tokens (prompt + `max_tokens` of every unfinished batch's requests) allowed per
+    /// (API key, model family) unless `models` names the family.
+    pub enqueued_tokens: u64,
+    pub models: BTreeMap<String, u64>,
+    /// How long a lower limit learnt from a batch the provider refused for its enqueued
+    /// tokens stays in force.
+    pub learned_ttl_secs: u64,
+}
+
+impl BatchApiConfig {
+    /// The enqueued-token limit configured for `model` (by exact name, then family).
+    pub fn enqueued_tokens(&self, model: &str) -> u64 {
+        self.models
+            .get(model)
+            .or_else(|| self.models.get(model_family(model)))
+            .copied()
+            .unwrap_or(self.enqueued_tokens)
     }
 }
 
@@ -430,6 +502,7 @@ pub struct Config {
     pub metrics: MetricsConfig,
     pub log: LogConfig,
     pub webhooks: WebhooksConfig,
+    pub batch_api: BatchApiConfig,
     pub prices: BTreeMap<String, Price>,
 }
 
@@ -724,8 +797,36 @@ impl Config {
                 ),
             ));
         }
+        let ba = &raw.batch_api;
+        positive("batch_api.collect_ms", ba.collect_ms)?;
+        positive("batch_api.poll_ms", ba.poll_ms)?;
+        positive("batch_api.enqueued_tokens", ba.enqueued_tokens)?;
+        positive("batch_api.learned_ttl_secs", ba.learned_ttl_secs)?;
+        if !(1..=50_000).contains(&ba.max_requests) {
+            return Err(ConfigError::invalid(
+                "batch_api.max_requests",
+                format!(
+                    "`{}` is not allowed; allowed: 1 to 50000 (the provider's limit)",
+                    ba.max_requests
+                ),
+            ));
+        }
+        if !(1024..=200 * 1024 * 1024).contains(&ba.max_file_bytes) {
+            return Err(ConfigError::invalid(
+                "batch_api.max_file_bytes",
+                format!(
+                    "`{}` is not allowed; allowed: 1024 to 209715200 (the provider's 200 MB)",
+                    ba.max_file_bytes
+                ),
+            ));
+        }
+        for (model, tokens) in &raw.batch_api_models {
+            positive(&format!("batch_api_models.{model}"), *tokens)?;
+        }
         for (model, price) in &raw.prices {
-            if !(price.input >= 0.0 && price.output >= 0.0) {
+            let batch_ok = price.batch_input.is_none_or(|p| p >= 0.0)
+                && price.batch_output.is_none_or(|p| p >= 0.0);
+            if !(price.input >= 0.0 && price.output >= 0.0 && batch_ok) {
                 return Err(ConfigError::invalid(
                     format!("prices.{model}"),
                     "prices must be zero or more",
@@ -785,6 +886,16 @@ impl Config {
             metrics: raw.metrics,
             log: raw.log,
             webhooks: raw.webhooks,
+            batch_api: BatchApiConfig {
+                collect_ms: raw.batch_api.collect_ms,
+                poll_ms: raw.batch_api.poll_ms,
+                live_margin_secs: raw.batch_api.live_margin_secs,
+                max_requests: raw.batch_api.max_requests,
+                max_file_bytes: raw.batch_api.max_file_bytes,
+                enqueued_tokens: raw.batch_api.enqueued_tokens,
+                models: raw.batch_api_models,
+                learned_ttl_secs: raw.batch_api.learned_ttl_secs,
+            },
             prices: raw.prices,
         })
     }
@@ -894,8 +1005,10 @@ fn merge(base: &mut toml::Table, overlay: toml::Table, prefix: &str) -> Result<(
             format!("{prefix}.{k}")
         };
         // Free-form maps: their entries are not known in advance.
-        let open =
-            matches!(prefix, "prices" | "budget_models" | "budget_tenants") || prefix.is_empty();
+        let open = matches!(
+            prefix,
+            "prices" | "budget_models" | "budget_tenants" | "batch_api_models"
+        ) || prefix.is_empty();
         match (base.get_mut(&k), v) {
             (Some(toml::Value::Table(b)), toml::Value::Table(o)) => merge(b, o, &path)?,
             (Some(slot), v) => *slot = v,

@@ -33,6 +33,15 @@ pub struct Template {
     /// Default lane of its reports (`interactive` or `batch`); a request may override it.
     #[serde(default)]
     pub lane: Option<String>,
+    /// Run its reports' sections through the provider's Batch API (half the price, answers
+    /// within 24 h) unless a request says otherwise.
+    #[serde(default)]
+    pub batch_api: bool,
+    /// With `batch_api`: a report must be finished this many seconds after it was submitted;
+    /// sections that a batch would not answer in time run as live calls. A request may set
+    /// its own.
+    #[serde(default)]
+    pub batch_deadline_secs: Option<u64>,
     /// Model of sections that do not name one (before the caller's default).
     #[serde(default)]
     pub model: Option<String>,
@@ -239,6 +248,20 @@ impl InputError {
     }
 }
 
+/// The longest deadline a batch report may ask for (30 days).
+pub const MAX_BATCH_DEADLINE_SECS: u64 = 30 * 86_400;
+
+/// Whether `secs` is a deadline a batch report may ask for: 1 s to 30 days.
+pub fn check_batch_deadline(secs: u64) -> Result<(), String> {
+    if (1..=MAX_BATCH_DEADLINE_SECS).contains(&secs) {
+        Ok(())
+    } else {
+        Err(format!(
+            "`{secs}` is not allowed; allowed: 1 to {MAX_BATCH_DEADLINE_SECS} seconds (30 days)"
+        ))
+    }
+}
+
 impl Template {
     /// Parses and validates a template. `name` labels the source in errors (a file name).
     pub fn from_toml(name: &str, text: &str) -> Result<Self, TemplateError> {
@@ -374,6 +397,16 @@ impl Template {
         if let Some(lane) = &self.lane {
             lane.parse::<Lane>()
                 .map_err(|e| invalid("lane", e.to_string()))?;
+        }
+        if let Some(secs) = self.batch_deadline_secs {
+            if !self.batch_api {
+                return Err(invalid(
+                    "batch_deadline_secs",
+                    "applies to batch_api templates only: set `batch_api = true` or remove it"
+                        .into(),
+                ));
+            }
+            check_batch_deadline(secs).map_err(|e| invalid("batch_deadline_secs", e))?;
         }
         check_specs(label, "inputs", &self.inputs)?;
         if self.sections.is_empty() {

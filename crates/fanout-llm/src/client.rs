@@ -75,9 +75,9 @@ pub struct LlmClient {
     keys: BTreeMap<String, KeyClient>,
 }
 
-struct KeyClient {
-    secret: Secret,
-    client: async_openai::Client<OpenAIConfig>,
+pub(crate) struct KeyClient {
+    pub(crate) secret: Secret,
+    pub(crate) client: async_openai::Client<OpenAIConfig>,
 }
 
 impl fmt::Debug for LlmClient {
@@ -136,6 +136,10 @@ impl LlmClient {
 
     pub fn request_timeout(&self) -> Duration {
         self.timeout
+    }
+
+    pub(crate) fn key(&self, name: &str) -> Option<&KeyClient> {
+        self.keys.get(name)
     }
 
     /// The names of the keys this client can call with, sorted.
@@ -218,6 +222,8 @@ fn capture_service(
         let http = http.clone();
         async move {
             let request = factory.build().await?;
+            // A file's content (a batch's JSON lines) is not one JSON document.
+            let raw = request.url().path().ends_with("/content");
             let response = http.execute(request).await?;
             let status = response.status();
             let headers = RateHeaders::from_headers(response.headers());
@@ -235,7 +241,7 @@ fn capture_service(
             }
             let body = response.bytes().await?;
             // A truncated or non-JSON body fails here, quietly; async-openai would log it whole.
-            if let Err(e) = serde_json::from_slice::<serde::de::IgnoredAny>(&body) {
+            if !raw && let Err(e) = serde_json::from_slice::<serde::de::IgnoredAny>(&body) {
                 return Err(OpenAIError::JSONDeserialize(e, String::new()));
             }
             let mut rebuilt = http::Response::new(reqwest::Body::from(body));
@@ -299,7 +305,7 @@ impl ChatRequest {
     /// `max_completion_tokens`; the rest get `max_tokens`, which every OpenAI-compatible server
     /// knows.
     #[allow(deprecated)] // `max_tokens`: deprecated by OpenAI, still the compatible choice.
-    fn to_openai(&self) -> CreateChatCompletionRequest {
+    pub(crate) fn to_openai(&self) -> CreateChatCompletionRequest {
         let mut messages = Vec::with_capacity(2);
         if let Some(system) = &self.system {
             messages.push(ChatCompletionRequestSystemMessage::from(system.as_str()).into());
@@ -328,7 +334,7 @@ fn is_reasoning_model(model: &str) -> bool {
 }
 
 impl ChatResponse {
-    fn from_openai(
+    pub(crate) fn from_openai(
         response: CreateChatCompletionResponse,
         req: &ChatRequest,
         latency: Duration,

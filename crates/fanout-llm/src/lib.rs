@@ -1,5 +1,6 @@
 #![doc = include_str!("../README.md")]
 
+mod batch;
 mod bpe;
 mod cache;
 mod calibrate;
@@ -10,6 +11,7 @@ mod headers;
 mod retry;
 mod tokens;
 
+pub use batch::{BATCH_ENDPOINT, BatchAnswer, BatchInfo, BatchState, parse_batch_record};
 pub use cache::{CacheKeys, CacheStats, ResponseCache, request_hash};
 pub use calibrate::{Estimate, PromptCalibration, Ratios};
 pub use client::{ChatRequest, ChatResponse, LlmClient};

@@ -271,10 +271,7 @@ async fn keys_are_used_by_name() {
 async fn cost_is_usage_times_price() {
     let sim = sim(SimConfig::instant()).await;
     let client = LlmClient::new(&provider(&sim, 10)).unwrap();
-    let price = Price {
-        input: 0.15,
-        output: 0.60,
-    };
+    let price = Price::new(0.15, 0.60);
     let table = CostTable::new([("gpt-4o-mini".to_owned(), price)].into());
     let mut total = 0.0;
     for i in 0..3 {

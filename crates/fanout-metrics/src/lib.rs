@@ -75,6 +75,11 @@ pub struct Metrics {
     pub reports_finished: IntCounterVec,
     pub report_duration: HistogramVec,
     pub cache_requests: IntCounterVec,
+    pub batch_api_lines: IntCounterVec,
+    pub batch_api_batches: IntCounterVec,
+    pub batch_api_waiting: IntGauge,
+    pub batch_api_open: IntGauge,
+    pub batch_api_enqueued_tokens: IntGaugeVec,
     pub webhooks: IntCounterVec,
     pub worker_up: Gauge,
     pub workers_alive: IntGauge,
@@ -165,6 +170,19 @@ impl Metrics {
         }
         for result in ["hit", "miss"] {
             self.cache_requests.with_label_values(&[result]);
+        }
+        for outcome in [
+            "parked",
+            "completed",
+            "failed",
+            "retried",
+            "live",
+            "dropped",
+        ] {
+            self.batch_api_lines.with_label_values(&[outcome]);
+        }
+        for event in ["submitted", "completed", "failed", "expired", "cancelled"] {
+            self.batch_api_batches.with_label_values(&[event]);
         }
         for model in models {
             for status in ["200", "429"] {
@@ -462,6 +480,49 @@ impl Metrics {
                 "fanout_cache_requests_total",
                 "Response cache lookups by result (hit, miss).",
                 &["result"],
+            ),
+            batch_api_lines: counter(
+                &r,
+                "fanout_batch_api_lines_total",
+                "Sections in the Batch API lane by what became of them: parked (waiting for a \
+                 batch), completed, failed, retried (into the next batch), live (moved to a \
+                 live call for the deadline or the queue limit), dropped (report cancelled or \
+                 gone).",
+                &["outcome"],
+            ),
+            batch_api_batches: counter(
+                &r,
+                "fanout_batch_api_batches_total",
+                "Provider batches by event: submitted, then how each ended (completed, failed, \
+                 expired, cancelled).",
+                &["event"],
+            ),
+            batch_api_waiting: {
+                let g = IntGauge::new(
+                    "fanout_batch_api_waiting_lines",
+                    "Sections waiting for the next batch (cluster-wide; aggregate with max).",
+                )
+                .expect("valid metric");
+                r.register(Box::new(g.clone()))
+                    .expect("metric registered once");
+                g
+            },
+            batch_api_open: {
+                let g = IntGauge::new(
+                    "fanout_batch_api_open_batches",
+                    "Batches submitted (or being submitted) and not finished (cluster-wide).",
+                )
+                .expect("valid metric");
+                r.register(Box::new(g.clone()))
+                    .expect("metric registered once");
+                g
+            },
+            batch_api_enqueued_tokens: gauge(
+                &r,
+                "fanout_batch_api_enqueued_tokens",
+                "Enqueued tokens of the open batches per API key and model, against the \
+                 provider's enqueued-token limit.",
+                &["key", "model"],
             ),
             worker_up,
             workers_alive,

@@ -34,6 +34,15 @@ pub struct SubmitRequest {
     pub idempotency_key: Option<String>,
     #[serde(default)]
     pub callback_url: Option<String>,
+    /// Run the sections through the provider's Batch API (default: the template's
+    /// `batch_api`).
+    #[serde(default)]
+    pub batch_api: Option<bool>,
+    /// With batch mode: finish within this many seconds of the submit; sections a batch
+    /// would not answer in time run as live calls (default: the template's
+    /// `batch_deadline_secs`).
+    #[serde(default)]
+    pub deadline_secs: Option<u64>,
 }
 
 /// What a submit did.
@@ -56,7 +65,7 @@ pub enum SubmitError {
     Field { field: String, message: String },
     /// The idempotency key made report `report` from another request.
     #[error(
-        "idempotency_key: this key was used for a different request (report `{report}`); a key stands for one request (template, inputs, lane, callback_url): use a new key for a new request"
+        "idempotency_key: this key was used for a different request (report `{report}`); a key stands for one request (template, inputs, lane, callback_url, batch_api, deadline_secs): use a new key for a new request"
     )]
     IdempotencyConflict { report: String },
     #[error("redis is unavailable: {0}")]
@@ -148,6 +157,7 @@ impl Producer {
             .job_graph(&req.inputs)
             .map_err(SubmitError::Input)?;
         let lane = req.lane.unwrap_or_else(|| template.default_lane());
+        let batch_api = batch_mode(&template, req.batch_api, req.deadline_secs)?;
         let jobs = graph.jobs.len();
         let created = self
             .store
@@ -159,6 +169,7 @@ impl Producer {
                 lane: lane.to_string(),
                 idempotency_key: req.idempotency_key,
                 callback_url,
+                batch_api,
             })
             .await
             .map_err(|e| match e {
@@ -210,9 +221,13 @@ impl Producer {
             .cancel(report_id)
             .await
             .map_err(|e| SubmitError::Unavailable(e.to_string()))?;
+        // A section of a batch report may also be queued as a live fallback.
         let ids: Vec<String> = queued
             .iter()
-            .map(|job| SectionJob::new(report_id, job).queue_id())
+            .flat_map(|job| {
+                let job = SectionJob::new(report_id, job);
+                [job.queue_id(), job.live().queue_id()]
+            })
             .collect();
         self.queue
             .remove(&ids)
@@ -220,6 +235,33 @@ impl Producer {
             .map_err(|e| SubmitError::Unavailable(e.to_string()))?;
         Ok(true)
     }
+}
+
+/// Whether a report runs through the Batch API, and its deadline: the request's choice, else
+/// the template's. A deadline is for batch reports only.
+fn batch_mode(
+    template: &fanout_core::Template,
+    batch_api: Option<bool>,
+    deadline_secs: Option<u64>,
+) -> Result<Option<fanout_aggregator::BatchApi>, SubmitError> {
+    let field = |message: String| SubmitError::Field {
+        field: "deadline_secs".into(),
+        message,
+    };
+    if !batch_api.unwrap_or(template.batch_api) {
+        if deadline_secs.is_some() {
+            return Err(field(
+                "applies to batch_api reports only: set `batch_api` to true, or leave `deadline_secs` out"
+                    .into(),
+            ));
+        }
+        return Ok(None);
+    }
+    let deadline_secs = deadline_secs.or(template.batch_deadline_secs);
+    if let Some(secs) = deadline_secs {
+        fanout_core::template::check_batch_deadline(secs).map_err(field)?;
+    }
+    Ok(Some(fanout_aggregator::BatchApi { deadline_secs }))
 }
 
 fn queue_lane(lane: Lane) -> fanout_queue::Lane {

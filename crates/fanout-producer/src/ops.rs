@@ -49,8 +49,23 @@ pub struct SystemStatus {
     /// Per (API key, model family): the shared budget.
     pub budget: Vec<BudgetStatus>,
     pub webhooks: WebhookOutbox,
+    /// The lane on the provider's Batch API.
+    pub batch_api: BatchApiStatus,
     /// Things an operator should act on, e.g. work queued and no worker alive.
     pub warnings: Vec<String>,
+}
+
+/// Sections of `batch_api` reports on their way through the provider's Batch API.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+pub struct BatchApiStatus {
+    /// Sections waiting for the next batch.
+    pub waiting: u64,
+    /// Batches formed and not finished (being submitted, or submitted and not ended).
+    pub open_batches: u64,
+    /// Sections in those batches.
+    pub in_batches: u64,
+    /// Their enqueued tokens (prompt + `max_tokens`), against the provider's limit.
+    pub enqueued_tokens: u64,
 }
 
 /// One lane of the queue.
@@ -226,6 +241,7 @@ pub struct Operations {
     store: Store,
     budget: Budget,
     webhooks: Webhooks,
+    batches: fanout_queue::batch_api::BatchApiStore,
     key_names: Vec<String>,
     namespace: String,
     budget_config: fanout_core::config::BudgetConfig,
@@ -261,11 +277,16 @@ impl Operations {
             fanout_aggregator::webhook::WebhookOptions::default(),
             &store,
         )?;
+        let batches = fanout_queue::batch_api::BatchApiStore::new(
+            store.pool().clone(),
+            &config.redis.namespace,
+        );
         Ok(Self {
             queue,
             store,
             budget,
             webhooks,
+            batches,
             key_names,
             namespace: config.redis.namespace.clone(),
             budget_config: config.budget.clone(),
@@ -323,14 +344,28 @@ impl Operations {
             pending: self.webhooks.pending().await?,
             dead: self.webhooks.dead_count().await?,
         };
-        let warnings = no_worker_warning(&lanes, workers.len())
+        let b = self.batches.summary().await?;
+        let batch_api = BatchApiStatus {
+            waiting: b.waiting,
+            open_batches: b.open,
+            in_batches: b.in_batches,
+            enqueued_tokens: b.enqueued_tokens,
+        };
+        let mut warnings: Vec<String> = no_worker_warning(&lanes, workers.len())
             .into_iter()
             .collect();
+        if workers.is_empty() && (b.waiting > 0 || b.open > 0) {
+            warnings.push(format!(
+                "{} sections wait in the Batch API lane and no worker is alive to submit or poll their batches",
+                b.waiting + b.in_batches
+            ));
+        }
         Ok(SystemStatus {
             lanes,
             workers,
             budget,
             webhooks,
+            batch_api,
             warnings,
         })
     }

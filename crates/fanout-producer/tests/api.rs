@@ -740,6 +740,24 @@ async fn every_error_is_json_naming_the_problem() -> Result<()> {
             "callback_url",
             "http",
         ),
+        (
+            json!({"template": "persona-panel", "inputs": panel_inputs(1), "deadline_secs": 600}),
+            "invalid_request",
+            "deadline_secs",
+            "batch_api",
+        ),
+        (
+            json!({"template": "persona-panel", "inputs": panel_inputs(1), "batch_api": true, "deadline_secs": 0}),
+            "invalid_request",
+            "deadline_secs",
+            "1 to 2592000",
+        ),
+        (
+            json!({"template": "persona-panel", "inputs": panel_inputs(1), "batch_api": "yes"}),
+            "invalid_request",
+            "batch_api",
+            "boolean",
+        ),
     ];
     for (body, code, field, words) in cases {
         let (status, _, err) = s
@@ -1497,6 +1515,7 @@ async fn a_retry_with_the_same_idempotency_key_heals_a_half_done_submit() -> Res
             lane: "interactive".into(),
             idempotency_key: Some("heal-1".into()),
             callback_url: None,
+            batch_api: None,
         })
         .await?;
     tokio::time::sleep(Duration::from_millis(500)).await;

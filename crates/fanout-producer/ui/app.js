@@ -893,6 +893,8 @@ function reportPage(main, ctx, id) {
   let skew = 0; // server clock − this clock, from the last view
   let fetchedAt = 0;
   const groups = new Map(); // section id → its elements
+  // The report runs through the provider's Batch API: a running section waits for its batch.
+  let batchApi = false;
 
   const render = () => {
     const v = view;
@@ -905,7 +907,11 @@ function reportPage(main, ctx, id) {
     root.dataset.status = v.status;
     document.title = `${v.title || v.template} · Fanout`;
     setText(el.title, v.title || v.template);
-    setText(el.about, `${v.template} · ${v.id} · created ${fmt.time(v.created_at)} · ${v.lane}`);
+    batchApi = !!v.batch_api;
+    const mode = v.batch_api
+      ? ` · Batch API${v.deadline_at ? `, due ${fmt.time(v.deadline_at)}` : ''}`
+      : '';
+    setText(el.about, `${v.template} · ${v.id} · created ${fmt.time(v.created_at)} · ${v.lane}${mode}`);
     setText(el.status, v.status);
     el.status.className = `badge state-${v.status}`;
     const finished = t.done + t.failed + t.skipped + t.cancelled;
@@ -1009,6 +1015,7 @@ function reportPage(main, ctx, id) {
       const deps = spec && spec.depends_on.length ? spec.depends_on : [];
       parts.push(deps.length ? `waits for ${deps.join(', ')}` : 'waiting');
     } else if (job.state === 'ready') parts.push('queued for a worker');
+    else if (job.state === 'running' && job.started_at && batchApi) parts.push(`in the Batch API lane for ${fmt.ms(now - job.started_at)}`);
     else if (job.state === 'running' && job.started_at) parts.push(`running for ${fmt.ms(now - job.started_at)}`);
     else if (job.latency_ms != null) parts.push(fmt.ms(job.latency_ms));
     else if (job.started_at && job.finished_at) parts.push(fmt.ms(job.finished_at - job.started_at));
@@ -1017,6 +1024,7 @@ function reportPage(main, ctx, id) {
     if (job.model) parts.push(job.model);
     if (job.attempts > 1) parts.push(`${job.attempts} attempts`);
     if (job.cached) parts.push('cached');
+    if (job.batch_api) parts.push('batch API');
     if (job.optional) parts.push('optional');
     return parts.join(' · ');
   };

@@ -1,6 +1,7 @@
 #![doc = include_str!("../README.md")]
 
 mod backoff;
+pub mod batch_api;
 mod error;
 mod job;
 mod keys;

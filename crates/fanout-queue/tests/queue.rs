@@ -701,3 +701,211 @@ async fn after_redis_was_away_longer_than_a_ttl_no_live_worker_loses_its_jobs() 
     assert!(q.claim(&cb, 1, NO_BLOCK).await.unwrap().is_empty());
     assert!(q.extend(&da).await.unwrap(), "a still holds its job");
 }
+
+mod batch_api_lane {
+    use std::time::Duration;
+
+    use fanout_queue::batch_api::{BatchApiStore, Settle, Where};
+
+    use crate::common::{namespace, pool};
+
+    fn store() -> (fanout_test_support::RedisServer, BatchApiStore) {
+        let redis = fanout_test_support::RedisServer::start();
+        let store = BatchApiStore::new(pool(&redis.url()), &namespace());
+        (redis, store)
+    }
+
+    #[tokio::test]
+    async fn a_line_is_parked_once_and_says_where_it_is() {
+        let (_redis, s) = store();
+        assert_eq!(s.park("r:a", "line-a", None).await.unwrap(), Where::Waiting);
+        // A second delivery of the same job parks nothing new.
+        assert_eq!(
+            s.park("r:a", "line-a2", None).await.unwrap(),
+            Where::Waiting
+        );
+        let waiting = s.waiting(10).await.unwrap();
+        assert_eq!(waiting.len(), 1);
+        assert_eq!(
+            (waiting[0].0.as_str(), waiting[0].1.as_str()),
+            ("r:a", "line-a2")
+        );
+        // Once in a batch, a repeated park leaves it there.
+        let claimed = s
+            .claim("b1", "default", "m", &[("r:a".into(), 10)])
+            .await
+            .unwrap();
+        assert_eq!(claimed, ["r:a"]);
+        assert_eq!(
+            s.park("r:a", "line-a3", None).await.unwrap(),
+            Where::Batch("b1".into())
+        );
+        assert_eq!(
+            s.lines(&["r:a".into()]).await.unwrap(),
+            [Some("line-a2".into())]
+        );
+        assert!(s.waiting(10).await.unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_claim_takes_only_waiting_lines_and_records_its_batch() {
+        let (_redis, s) = store();
+        for m in ["r:a", "r:b", "r:c"] {
+            s.park(m, m, None).await.unwrap();
+        }
+        let first = s
+            .claim(
+                "b1",
+                "k1",
+                "gpt-4o-mini",
+                &[("r:a".into(), 100), ("r:b".into(), 50)],
+            )
+            .await
+            .unwrap();
+        assert_eq!(first, ["r:a", "r:b"]);
+        // A second former (a process that lost its lease) gets only what is still waiting.
+        let second = s
+            .claim(
+                "b2",
+                "k1",
+                "gpt-4o-mini",
+                &[("r:b".into(), 50), ("r:c".into(), 7)],
+            )
+            .await
+            .unwrap();
+        assert_eq!(second, ["r:c"]);
+        assert!(
+            s.claim("b3", "k1", "m", &[("r:a".into(), 1)])
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        let open = s.open().await.unwrap();
+        assert_eq!(open.len(), 2, "{open:?}");
+        let b1 = open.iter().find(|b| b.id == "b1").unwrap();
+        assert_eq!(
+            (b1.key.as_str(), b1.model.as_str(), b1.tokens),
+            ("k1", "gpt-4o-mini", 150)
+        );
+        assert_eq!(b1.members, ["r:a", "r:b"]);
+        assert_eq!(b1.state, "formed");
+        s.record(
+            "b1",
+            &[("file_id", "file-1".into()), ("state", "uploaded".into())],
+        )
+        .await
+        .unwrap();
+        let b1 = s
+            .open()
+            .await
+            .unwrap()
+            .into_iter()
+            .find(|b| b.id == "b1")
+            .unwrap();
+        assert_eq!(
+            (b1.file_id.as_deref(), b1.state.as_str()),
+            (Some("file-1"), "uploaded")
+        );
+        let summary = s.summary().await.unwrap();
+        assert_eq!(
+            (summary.open, summary.in_batches, summary.enqueued_tokens),
+            (2, 3, 157)
+        );
+        s.finish("b1").await.unwrap();
+        assert_eq!(s.open().await.unwrap().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn an_outcome_applies_once_from_where_the_line_was() {
+        let (_redis, s) = store();
+        s.park("r:a", "v1", None).await.unwrap();
+        s.claim("b1", "k", "m", &[("r:a".into(), 1)]).await.unwrap();
+        let in_b1 = Where::Batch("b1".into());
+        // The batch's error: the line waits for the next batch, once.
+        assert!(
+            s.settle("r:a", &in_b1, Settle::Retry("v2".into()))
+                .await
+                .unwrap()
+        );
+        assert!(
+            !s.settle("r:a", &in_b1, Settle::Retry("v3".into()))
+                .await
+                .unwrap()
+        );
+        assert_eq!(
+            s.locate(&["r:a".into()]).await.unwrap(),
+            [Some(Where::Waiting)]
+        );
+        assert_eq!(s.waiting(10).await.unwrap()[0].1, "v2");
+        // Moved to a live call: no longer waiting, still known until the call forgets it.
+        assert!(
+            s.settle("r:a", &Where::Waiting, Settle::Live)
+                .await
+                .unwrap()
+        );
+        assert!(s.waiting(10).await.unwrap().is_empty());
+        assert_eq!(s.park("r:a", "v4", None).await.unwrap(), Where::Live);
+        assert!(s.settle("r:a", &Where::Live, Settle::Done).await.unwrap());
+        assert_eq!(s.locate(&["r:a".into()]).await.unwrap(), [None]);
+        assert_eq!(s.lines(&["r:a".into()]).await.unwrap(), [None]);
+    }
+
+    #[tokio::test]
+    async fn lines_are_found_by_their_reports_deadline_until_they_leave_the_lane() {
+        let (_redis, s) = store();
+        s.park("r1:a", "a", Some(1_000)).await.unwrap();
+        s.park("r1:b", "b", Some(1_000)).await.unwrap();
+        s.park("r2:a", "c", Some(5_000)).await.unwrap();
+        s.park("r3:a", "d", None).await.unwrap();
+        assert_eq!(s.waiting_since().await.unwrap().0, 4);
+        assert_eq!(s.due(999, 10).await.unwrap(), Vec::<String>::new());
+        assert_eq!(s.due(1_000, 10).await.unwrap(), ["r1:a", "r1:b"]);
+        assert_eq!(s.due(10_000, 1).await.unwrap(), ["r1:a"]);
+        let members: Vec<String> = ["r1:a", "r2:a", "r3:a"].map(String::from).into();
+        assert_eq!(
+            s.deadlines(&members).await.unwrap(),
+            [Some(1_000), Some(5_000), None]
+        );
+        // In a batch it still has its deadline; live or done, it has none.
+        s.claim("b", "k", "m", &[("r1:a".into(), 1), ("r1:b".into(), 1)])
+            .await
+            .unwrap();
+        assert_eq!(s.due(1_000, 10).await.unwrap(), ["r1:a", "r1:b"]);
+        let in_b = Where::Batch("b".into());
+        assert!(s.settle("r1:a", &in_b, Settle::Live).await.unwrap());
+        assert!(s.settle("r1:b", &in_b, Settle::Done).await.unwrap());
+        assert!(s.due(1_000, 10).await.unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn one_process_at_a_time_holds_the_submitters_lease() {
+        let (_redis, s) = store();
+        let lease = Duration::from_millis(300);
+        assert!(s.lease("one", lease).await.unwrap());
+        assert!(s.lease("one", lease).await.unwrap(), "renewed");
+        assert!(!s.lease("two", lease).await.unwrap());
+        s.release_lease("two").await.unwrap();
+        assert!(
+            !s.lease("two", lease).await.unwrap(),
+            "only its holder gives it up"
+        );
+        s.release_lease("one").await.unwrap();
+        assert!(s.lease("two", lease).await.unwrap());
+        // A holder that stops renewing loses it when it lapses.
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        assert!(s.lease("one", lease).await.unwrap());
+    }
+
+    #[tokio::test]
+    async fn a_learnt_limit_lasts_its_ttl() {
+        let (_redis, s) = store();
+        assert_eq!(s.learnt("k", "m").await.unwrap(), None);
+        s.learn("k", "m", 5_000, Duration::from_millis(200))
+            .await
+            .unwrap();
+        assert_eq!(s.learnt("k", "m").await.unwrap(), Some(5_000));
+        assert_eq!(s.learnt("k", "other").await.unwrap(), None);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(s.learnt("k", "m").await.unwrap(), None);
+    }
+}

@@ -1,5 +1,6 @@
 #![doc = include_str!("../README.md")]
 
+mod batch_api;
 mod section;
 
 pub use section::{SectionHandler, WorkerDeps, redis_pool};
@@ -77,11 +78,13 @@ pub async fn run(
         "worker started"
     );
     let gauges = tokio::spawn(section::export_gauges(deps.clone(), shutdown.child_token()));
+    let batches = tokio::spawn(batch_api::run(handler.clone(), shutdown.child_token()));
     let result =
         fanout_queue::run_worker(deps.queue.clone(), handler, queue_options, shutdown.clone())
             .await;
     shutdown.cancel();
     let _ = gauges.await;
+    let _ = batches.await;
     fanout_metrics::METRICS.worker_up.set(0.0);
     tracing::info!("worker stopped");
     result.map_err(Into::into)

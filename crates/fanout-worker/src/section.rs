@@ -12,6 +12,7 @@ use fanout_llm::{
     CallError, ChatRequest, ChatResponse, LlmClient, PromptCalibration, ResponseCache, RetryPolicy,
 };
 use fanout_metrics::METRICS;
+use fanout_queue::batch_api::{BatchApiStore, Settle, Where};
 use fanout_queue::{Delivery, Handler, Lane, NewJob, Outcome, Queue};
 use fanout_ratelimit::{AcquireRequest, Admission, Budget, Dimension, ProviderSignal};
 use tokio_util::sync::CancellationToken;
@@ -27,6 +28,8 @@ pub struct WorkerDeps {
     pub cache: Arc<ResponseCache>,
     /// How the provider counts prompts against our tokenizer, learnt from its answers.
     pub prompts: Arc<PromptCalibration>,
+    /// The Batch API lane's state: sections waiting for a batch, batches in flight.
+    pub batches: BatchApiStore,
 }
 
 impl WorkerDeps {
@@ -55,10 +58,11 @@ impl WorkerDeps {
             ),
             llm: Arc::new(LlmClient::new(&config.provider)?),
             cache: Arc::new(ResponseCache::new(
-                pool,
+                pool.clone(),
                 ns,
                 Duration::from_secs(config.cache.ttl_secs),
             )),
+            batches: BatchApiStore::new(pool, ns),
             prompts: Arc::new(PromptCalibration::new()),
             config,
         })
@@ -73,7 +77,7 @@ pub fn redis_pool(config: &Config) -> anyhow::Result<fanout_core::redis::Pool> {
 /// Runs one section job per delivery.
 #[derive(Debug)]
 pub struct SectionHandler {
-    deps: WorkerDeps,
+    pub(crate) deps: WorkerDeps,
     retry: RetryPolicy,
 }
 
@@ -149,6 +153,17 @@ impl Handler for SectionHandler {
         let started = Instant::now();
         let result = self.run(&job, &d, &lane).await;
         drop(in_flight);
+        if job.live && matches!(result, Ok((Outcome::Done, _))) {
+            // A live fallback of a batch line is settled: the lane forgets the line.
+            if let Err(e) = self
+                .deps
+                .batches
+                .settle(&job.member(), &Where::Live, Settle::Done)
+                .await
+            {
+                tracing::warn!(report = %job.report_id, job = %job.job_id, error = %e, "could not forget a batch line run live");
+            }
+        }
         match result {
             Ok((outcome, label)) => {
                 if let Some(section) = label {
@@ -325,12 +340,14 @@ impl SectionHandler {
         // worker holds a thousand calls in flight, so they go now.
         let (cache, priority) = (ctx.template.cache, ctx.node.priority);
         let tenant = ctx.tenant.clone();
+        let (batch_api, deadline_ms) = (ctx.batch_api, ctx.deadline_ms);
         drop(ctx);
 
         if cache {
             if let Some(hit) = self.deps.cache.get(&req).await {
                 METRICS.cache_requests.with_label_values(&["hit"]).inc();
-                self.complete(job, &section, lane, &hit, 0, true).await?;
+                self.complete(job, &section, lane, &hit, 0, true, false)
+                    .await?;
                 return Ok((Outcome::Done, Some(section)));
             }
             METRICS.cache_requests.with_label_values(&["miss"]).inc();
@@ -338,6 +355,36 @@ impl SectionHandler {
 
         let counted = self.deps.prompts.estimate(&req);
         let estimate = counted.tokens;
+        // A batch report's section waits for its batch (and this job is done), unless the
+        // report's deadline is too near for a batch: then it is called now.
+        if batch_api && !job.live {
+            let line = crate::batch_api::Line {
+                report_id: job.report_id.clone(),
+                job_id: job.job_id.clone(),
+                section: section.clone(),
+                lane: lane.to_owned(),
+                priority,
+                request: req.clone(),
+                tokens: estimate,
+                deadline_ms,
+                attempts: 0,
+                parked_ms: crate::batch_api::now_ms(),
+                last_error: None,
+            };
+            if !line.near_deadline(&self.deps.config, line.parked_ms) {
+                let at = self
+                    .deps
+                    .batches
+                    .park(&job.member(), &line.encode(), line.deadline_ms)
+                    .await?;
+                if at == Where::Waiting {
+                    METRICS.batch_api_lines.with_label_values(&["parked"]).inc();
+                }
+                tracing::debug!(report = %job.report_id, job = %job.job_id, at = ?at, "section waits for a batch");
+                return Ok((Outcome::Done, Some(section)));
+            }
+            METRICS.batch_api_lines.with_label_values(&["live"]).inc();
+        }
         let max_attempts = self.deps.config.queue.max_attempts;
         let max_wait = Duration::from_secs(self.deps.config.budget.max_wait_secs);
         let mut attempt = 0u32;
@@ -437,7 +484,7 @@ impl SectionHandler {
                     if cache {
                         self.deps.cache.put(&req, &resp).await;
                     }
-                    self.complete(job, &section, lane, &resp, attempt, false)
+                    self.complete(job, &section, lane, &resp, attempt, false, false)
                         .await?;
                     return Ok((Outcome::Done, Some(section)));
                 }
@@ -564,7 +611,10 @@ impl SectionHandler {
         }
     }
 
-    async fn complete(
+    /// Store a section's answer (from a live call, the cache, or a batch: `batch_api`, priced
+    /// at the batch price) and enqueue what it released.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) async fn complete(
         &self,
         job: &SectionJob,
         section: &str,
@@ -572,12 +622,14 @@ impl SectionHandler {
         resp: &ChatResponse,
         attempts: u32,
         cached: bool,
+        batch_api: bool,
     ) -> anyhow::Result<()> {
         let price = self
             .deps
             .config
             .price(&resp.model)
-            .or_else(|| self.deps.config.price(&job_model(resp)));
+            .or_else(|| self.deps.config.price(&job_model(resp)))
+            .map(|p| if batch_api { p.batch() } else { p });
         let cost = if cached {
             0.0
         } else {
@@ -612,6 +664,7 @@ impl SectionHandler {
                     latency_ms: resp.latency.as_millis() as u64,
                     attempts,
                     cached,
+                    batch_api,
                 },
             )
             .await?;
@@ -623,7 +676,7 @@ impl SectionHandler {
     }
 
     /// Fail the section for good after `attempts` provider calls in this delivery.
-    async fn fail(
+    pub(crate) async fn fail(
         &self,
         job: &SectionJob,
         section: &str,
@@ -644,7 +697,7 @@ impl SectionHandler {
         self.enqueue_released(&job.report_id, &released, lane).await
     }
 
-    async fn enqueue_released(
+    pub(crate) async fn enqueue_released(
         &self,
         report_id: &str,
         released: &Released,
@@ -749,7 +802,7 @@ fn record_call(model: &str, outcome: &str, status: &str, elapsed: Duration) {
         .inc();
 }
 
-fn failure_reason(err: &CallError, attempts: u32) -> String {
+pub(crate) fn failure_reason(err: &CallError, attempts: u32) -> String {
     let status = err.status.map(|s| format!(" ({s})")).unwrap_or_default();
     if err.is_retryable() {
         format!(

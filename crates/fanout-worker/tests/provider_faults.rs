@@ -154,6 +154,8 @@ impl Stack {
                     lane: None,
                     idempotency_key: idempotency_key.map(str::to_owned),
                     callback_url: None,
+                    batch_api: None,
+                    deadline_secs: None,
                 },
             )
             .await?;

@@ -184,6 +184,7 @@ pub fn new_report(toml: &str, inputs: Value) -> NewReport {
         lane: "interactive".into(),
         idempotency_key: None,
         callback_url: None,
+        batch_api: None,
     }
 }
 
@@ -206,6 +207,7 @@ pub fn result(text: &str) -> SectionResult {
         latency_ms: 1200,
         attempts: 1,
         cached: false,
+        batch_api: false,
     }
 }
 

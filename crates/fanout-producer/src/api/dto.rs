@@ -41,6 +41,16 @@ pub struct SubmitBody {
         pattern = r"^https?://((([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)*[A-Za-z]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)|((25[0-5]|2[0-4][0-9]|1[0-9]{2}|[1-9]?[0-9])\.){3}(25[0-5]|2[0-4][0-9]|1[0-9]{2}|[1-9]?[0-9]))(:(6553[0-5]|655[0-2][0-9]|65[0-4][0-9]{2}|6[0-4][0-9]{3}|[1-5][0-9]{4}|[0-9]{1,4}))?([/?][!-~]*)?$"
     )]
     pub callback_url: Option<String>,
+    /// Run the sections through the provider's Batch API: half the price, answers within
+    /// 24 hours (sooner in practice). Default: the template's `batch_api`.
+    #[serde(default)]
+    pub batch_api: Option<bool>,
+    /// With `batch_api`: the report must be finished this many seconds after the submit;
+    /// sections a batch would not answer in time run as live calls. 1 to 2592000 (30 days).
+    /// Default: the template's `batch_deadline_secs`, else none.
+    #[serde(default)]
+    #[schema(minimum = 1, maximum = 2592000)]
+    pub deadline_secs: Option<u64>,
 }
 
 impl From<SubmitBody> for SubmitRequest {
@@ -51,6 +61,8 @@ impl From<SubmitBody> for SubmitRequest {
             lane,
             idempotency_key,
             callback_url,
+            batch_api,
+            deadline_secs,
         } = b;
         Self {
             template,
@@ -58,6 +70,8 @@ impl From<SubmitBody> for SubmitRequest {
             lane,
             idempotency_key,
             callback_url,
+            batch_api,
+            deadline_secs,
         }
     }
 }
@@ -131,6 +145,13 @@ pub struct TemplateInfo {
     pub description: String,
     /// The lane of its reports unless the request says otherwise.
     pub lane: Lane,
+    /// Its reports run through the provider's Batch API unless the request says otherwise.
+    #[serde(default)]
+    pub batch_api: bool,
+    /// The deadline (seconds after the submit) of its batch reports unless the request sets
+    /// one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub batch_deadline_secs: Option<u64>,
     /// The inputs a request gives.
     pub inputs: Vec<InputInfo>,
     /// Its sections, in report order.
@@ -187,6 +208,8 @@ impl From<&Template> for TemplateInfo {
             title: t.title.clone(),
             description: t.description.clone(),
             lane: t.default_lane(),
+            batch_api: t.batch_api,
+            batch_deadline_secs: t.batch_deadline_secs,
             inputs: t.inputs.iter().map(InputInfo::from).collect(),
             sections: t
                 .sections
@@ -303,9 +326,16 @@ mod tests {
             lane: Some(Lane::Batch),
             idempotency_key: Some("k".into()),
             callback_url: None,
+            batch_api: Some(true),
+            deadline_secs: Some(3600),
         };
         let body: SubmitBody = serde_json::from_value(serde_json::to_value(&req).unwrap()).unwrap();
-        assert_eq!(SubmitRequest::from(body.clone()).lane, Some(Lane::Batch));
+        let back = SubmitRequest::from(body.clone());
+        assert_eq!(back.lane, Some(Lane::Batch));
+        assert_eq!(
+            (back.batch_api, back.deadline_secs),
+            (Some(true), Some(3600))
+        );
         assert_eq!(body.template, "t");
     }
 

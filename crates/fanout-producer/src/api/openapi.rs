@@ -60,6 +60,7 @@ use crate::Templates;
         crate::ops::LaneStatus,
         crate::ops::BudgetStatus,
         crate::ops::WebhookOutbox,
+        crate::ops::BatchApiStatus,
         fanout_queue::WorkerInfo,
         crate::ops::DeadLetterInfo,
         crate::ops::DeadLetterSelection,
