@@ -52,7 +52,7 @@ api-clients: ## generate Python and TypeScript clients from the OpenAPI document
 fmt: ## format the code
 	$(CARGO) fmt --all
 
-bench: build ## measure everything but BullMQ and rewrite BENCHMARKS.md (~40 min; BENCH="queue memory" for some)
+bench: build ## measure everything but BullMQ and rewrite BENCHMARKS.md (~45 min; BENCH="queue memory" for some)
 	@scripts/install-deps.sh --demo
 	CARGO="$(CARGO)" scripts/bench.sh $(BENCH)
 

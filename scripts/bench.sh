@@ -14,6 +14,8 @@
 #   waiting-room   waiting_room: 4,000 callers waiting on one budget of 30,000 RPM
 #   cluster        cluster_bench: one redis-server against a 3-master Redis Cluster, 3 rounds:
 #                  no-op jobs/s, report wall time, each master's load at 30,000 RPM (~8 minutes)
+#   batch          batch_bench: a 50-persona panel live and through the Batch API, 3 rounds:
+#                  cost and wall time (~2 minutes)
 #
 # The queue against BullMQ is `make bench-bullmq` (bench/bullmq/run.sh; it needs node). Each
 # output is also kept in $CARGO_TARGET_DIR/bench/NAME.md (target/bench/ by default).
@@ -23,7 +25,7 @@ root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cargo=${CARGO:-cargo}
 target=${CARGO_TARGET_DIR:-$root/target}
 out=$target/bench
-all=(reports budget memory queue budget-script waiting-room cluster)
+all=(reports budget memory queue budget-script waiting-room cluster batch)
 if [[ $# -gt 0 ]]; then names=("$@"); else names=("${all[@]}"); fi
 
 # The command that reproduces each benchmark, as BENCHMARKS.md shows it.
@@ -34,6 +36,7 @@ command_for() {
     budget-script) echo "cargo run --release --locked -p fanout-ratelimit --example budget_bench" ;;
     waiting-room) echo "cargo run --release --locked -p fanout-ratelimit --example waiting_room" ;;
     cluster) echo "cargo run --release --locked -p fanout-cli --example cluster_bench" ;;
+    batch) echo "cargo run --release --locked -p fanout-cli --example batch_bench" ;;
     *) return 1 ;;
   esac
 }
@@ -59,6 +62,10 @@ for name in "${names[@]}"; do
       # It runs target/release/fanout and queue_bench as child processes.
       "$cargo" build --quiet --release --locked -p fanout-queue --example queue_bench
       "$cargo" run --quiet --release --locked -p fanout-cli --example cluster_bench
+      ;;
+    batch)
+      # It runs target/release/fanout as child processes.
+      "$cargo" run --quiet --release --locked -p fanout-cli --example batch_bench
       ;;
   esac | tee "$out/$name.md"
   scripts/bench-splice.sh "$name" "$out/$name.md" "$(command_for "$name")"

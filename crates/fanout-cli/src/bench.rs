@@ -329,7 +329,6 @@ async fn run_report(
                 idempotency_key: None,
                 callback_url: None,
                 batch_api: None,
-                deadline_secs: None,
             },
         )
         .await
@@ -519,7 +518,6 @@ pub(crate) async fn submit_persona_backlog(
             idempotency_key: None,
             callback_url: None,
             batch_api: None,
-            deadline_secs: None,
         };
         let submitted = producer
             .submit("default", request)

@@ -145,7 +145,6 @@ pub(crate) async fn run(args: DemoArgs, shutdown: CancellationToken) -> anyhow::
                     idempotency_key: None,
                     callback_url: None,
                     batch_api: None,
-                    deadline_secs: None,
                 },
             )
             .await

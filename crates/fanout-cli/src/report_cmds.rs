@@ -8,8 +8,8 @@ use std::time::Duration;
 use anyhow::Context;
 use fanout_aggregator::{Format, ReportEvent, ReportView};
 use fanout_core::report::{Lane, ReportStatus, SectionState};
-use fanout_producer::SubmitRequest;
 use fanout_producer::api::DocFormat;
+use fanout_producer::{BatchApiChoice, SubmitRequest};
 
 use crate::backend::{Backend, remote_error};
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
@@ -43,8 +43,8 @@ pub(crate) struct SubmitArgs {
     /// Run the sections as live calls, even when the template asks for the Batch API.
     #[arg(long)]
     live: bool,
-    /// With batch mode: finish within this many seconds; sections a batch would not answer
-    /// in time run as live calls.
+    /// Run through the Batch API and finish within this many seconds; sections a batch would
+    /// not answer in time run as live calls.
     #[arg(long, value_name = "SECS", conflicts_with = "live")]
     deadline_secs: Option<u64>,
     /// With --wait, show live progress.
@@ -152,12 +152,16 @@ pub(crate) async fn submit(backend: &Backend, args: SubmitArgs) -> anyhow::Resul
         lane: args.lane,
         idempotency_key: args.idempotency_key,
         callback_url: args.callback_url,
-        batch_api: match (args.batch_api, args.live) {
-            (true, _) => Some(true),
-            (_, true) => Some(false),
+        batch_api: match (args.batch_api, args.live, args.deadline_secs) {
+            (_, _, Some(secs)) => Some(BatchApiChoice::On {
+                deadline_secs: Some(secs),
+            }),
+            (true, _, None) => Some(BatchApiChoice::On {
+                deadline_secs: None,
+            }),
+            (_, true, None) => Some(BatchApiChoice::Off),
             _ => None,
         },
-        deadline_secs: args.deadline_secs,
     };
     let (id, duplicate, warnings) = match backend {
         Backend::Local(local) => {

@@ -198,7 +198,16 @@ impl BatchAnswer {
     }
 }
 
+/// The least time a file transfer (a batch input file up, an output file down: up to 200 MB)
+/// gets, whatever the per-call timeout.
+const MIN_FILE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(600);
+
 impl LlmClient {
+    /// How long a Files or Batch API request may take.
+    pub fn file_timeout(&self) -> std::time::Duration {
+        self.request_timeout().max(MIN_FILE_TIMEOUT)
+    }
+
     /// Runs one Files or Batch API request with key `key_name`, within the request timeout,
     /// classifying a failure like a live call's (the key never appears in the message).
     async fn batch_api<'a, T, F, Fut>(&'a self, key_name: &str, op: F) -> Result<T, CallError>
@@ -212,9 +221,9 @@ impl LlmClient {
                 format!("no api key named `{key_name}` is configured"),
             ));
         };
-        match tokio::time::timeout(self.request_timeout(), op(&key.client)).await {
+        match tokio::time::timeout(self.file_timeout(), op(&key.client)).await {
             Err(_) => Err(CallError::timeout(
-                self.request_timeout(),
+                self.file_timeout(),
                 None,
                 RateHeaders::default(),
             )),

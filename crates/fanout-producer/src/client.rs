@@ -15,7 +15,6 @@
 //!         idempotency_key: Some("order-42".into()),
 //!         callback_url: None,
 //!         batch_api: None,
-//!         deadline_secs: None,
 //!     })
 //!     .await?;
 //! let mut events = Box::pin(client.events(&accepted.id, None));

@@ -34,15 +34,76 @@ pub struct SubmitRequest {
     pub idempotency_key: Option<String>,
     #[serde(default)]
     pub callback_url: Option<String>,
-    /// Run the sections through the provider's Batch API (default: the template's
+    /// Run the sections through the provider's Batch API, or not (default: the template's
     /// `batch_api`).
     #[serde(default)]
-    pub batch_api: Option<bool>,
-    /// With batch mode: finish within this many seconds of the submit; sections a batch
-    /// would not answer in time run as live calls (default: the template's
-    /// `batch_deadline_secs`).
-    #[serde(default)]
-    pub deadline_secs: Option<u64>,
+    pub batch_api: Option<BatchApiChoice>,
+}
+
+/// A request's `batch_api`: `false` (live calls), `true` (the Batch API, with the template's
+/// deadline if it has one), or `{"deadline_secs": N}` (the Batch API, finished within N
+/// seconds of the submit: sections a batch would not answer in time run as live calls).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BatchApiChoice {
+    Off,
+    On { deadline_secs: Option<u64> },
+}
+
+impl Serialize for BatchApiChoice {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap as _;
+        match self {
+            Self::Off => s.serialize_bool(false),
+            Self::On {
+                deadline_secs: None,
+            } => s.serialize_bool(true),
+            Self::On {
+                deadline_secs: Some(secs),
+            } => {
+                let mut map = s.serialize_map(Some(1))?;
+                map.serialize_entry("deadline_secs", secs)?;
+                map.end()
+            }
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for BatchApiChoice {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Choice;
+        impl<'de> serde::de::Visitor<'de> for Choice {
+            type Value = BatchApiChoice;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("true, false, or an object such as {\"deadline_secs\": 3600}")
+            }
+
+            fn visit_bool<E: serde::de::Error>(self, on: bool) -> Result<Self::Value, E> {
+                Ok(if on {
+                    BatchApiChoice::On {
+                        deadline_secs: None,
+                    }
+                } else {
+                    BatchApiChoice::Off
+                })
+            }
+
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<Self::Value, A::Error> {
+                let mut deadline_secs = None;
+                while let Some(key) = map.next_key::<String>()? {
+                    if key != "deadline_secs" {
+                        return Err(serde::de::Error::unknown_field(&key, &["deadline_secs"]));
+                    }
+                    deadline_secs = map.next_value::<Option<u64>>()?;
+                }
+                Ok(BatchApiChoice::On { deadline_secs })
+            }
+        }
+        d.deserialize_any(Choice)
+    }
 }
 
 /// What a submit did.
@@ -65,7 +126,7 @@ pub enum SubmitError {
     Field { field: String, message: String },
     /// The idempotency key made report `report` from another request.
     #[error(
-        "idempotency_key: this key was used for a different request (report `{report}`); a key stands for one request (template, inputs, lane, callback_url, batch_api, deadline_secs): use a new key for a new request"
+        "idempotency_key: this key was used for a different request (report `{report}`); a key stands for one request (template, inputs, lane, callback_url, batch_api): use a new key for a new request"
     )]
     IdempotencyConflict { report: String },
     #[error("redis is unavailable: {0}")]
@@ -157,7 +218,7 @@ impl Producer {
             .job_graph(&req.inputs)
             .map_err(SubmitError::Input)?;
         let lane = req.lane.unwrap_or_else(|| template.default_lane());
-        let batch_api = batch_mode(&template, req.batch_api, req.deadline_secs)?;
+        let batch_api = batch_mode(&template, req.batch_api)?;
         let jobs = graph.jobs.len();
         let created = self
             .store
@@ -238,30 +299,28 @@ impl Producer {
 }
 
 /// Whether a report runs through the Batch API, and its deadline: the request's choice, else
-/// the template's. A deadline is for batch reports only.
+/// the template's; `true` takes the template's deadline.
 fn batch_mode(
     template: &fanout_core::Template,
-    batch_api: Option<bool>,
-    deadline_secs: Option<u64>,
+    choice: Option<BatchApiChoice>,
 ) -> Result<Option<fanout_aggregator::BatchApi>, SubmitError> {
-    let field = |message: String| SubmitError::Field {
-        field: "deadline_secs".into(),
-        message,
+    let deadline_secs = match choice {
+        Some(BatchApiChoice::Off) => return Ok(None),
+        None if !template.batch_api => return Ok(None),
+        None => None,
+        Some(BatchApiChoice::On { deadline_secs }) => deadline_secs,
     };
-    if !batch_api.unwrap_or(template.batch_api) {
-        if deadline_secs.is_some() {
-            return Err(field(
-                "applies to batch_api reports only: set `batch_api` to true, or leave `deadline_secs` out"
-                    .into(),
-            ));
-        }
-        return Ok(None);
-    }
-    let deadline_secs = deadline_secs.or(template.batch_deadline_secs);
     if let Some(secs) = deadline_secs {
-        fanout_core::template::check_batch_deadline(secs).map_err(field)?;
+        fanout_core::template::check_batch_deadline(secs).map_err(|message| {
+            SubmitError::Field {
+                field: "batch_api.deadline_secs".into(),
+                message,
+            }
+        })?;
     }
-    Ok(Some(fanout_aggregator::BatchApi { deadline_secs }))
+    Ok(Some(fanout_aggregator::BatchApi {
+        deadline_secs: deadline_secs.or(template.batch_deadline_secs),
+    }))
 }
 
 fn queue_lane(lane: Lane) -> fanout_queue::Lane {

@@ -741,22 +741,22 @@ async fn every_error_is_json_naming_the_problem() -> Result<()> {
             "http",
         ),
         (
-            json!({"template": "persona-panel", "inputs": panel_inputs(1), "deadline_secs": 600}),
+            json!({"template": "persona-panel", "inputs": panel_inputs(1), "batch_api": {"deadline_secs": 0}}),
             "invalid_request",
-            "deadline_secs",
-            "batch_api",
-        ),
-        (
-            json!({"template": "persona-panel", "inputs": panel_inputs(1), "batch_api": true, "deadline_secs": 0}),
-            "invalid_request",
-            "deadline_secs",
+            "batch_api.deadline_secs",
             "1 to 2592000",
         ),
         (
             json!({"template": "persona-panel", "inputs": panel_inputs(1), "batch_api": "yes"}),
             "invalid_request",
             "batch_api",
-            "boolean",
+            "true, false, or an object",
+        ),
+        (
+            json!({"template": "persona-panel", "inputs": panel_inputs(1), "batch_api": {"deadline": 60}}),
+            "invalid_request",
+            "batch_api",
+            "deadline_secs",
         ),
     ];
     for (body, code, field, words) in cases {

@@ -1,7 +1,7 @@
 -- Waiting lines become one batch: each member still waiting ("p") moves into batch <id>.
 --
 -- KEYS[1] where   KEYS[2] pending   KEYS[3] open (ZSET batch id -> created ms)
--- KEYS[4] the batch (HASH)
+-- KEYS[4] the batch (HASH)   KEYS[5] its members (STRING: a JSON array, in file order)
 -- ARGV[1] batch id   ARGV[2] api key name   ARGV[3] model   ARGV[4] now (ms)
 -- ARGV[5..] member, tokens, member, tokens, ...
 --
@@ -24,6 +24,7 @@ if #claimed == 0 then
   return claimed
 end
 redis.call('HSET', KEYS[4], 'key', ARGV[2], 'model', ARGV[3], 'tokens', tokens,
-  'created_ms', ARGV[4], 'state', 'formed', 'members', cjson.encode(claimed))
+  'created_ms', ARGV[4], 'state', 'formed', 'count', #claimed)
+redis.call('SET', KEYS[5], cjson.encode(claimed))
 redis.call('ZADD', KEYS[3], ARGV[4], id)
 return claimed

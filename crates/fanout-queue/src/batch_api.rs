@@ -83,12 +83,16 @@ pub struct OpenBatch {
     pub state: String,
     pub file_id: Option<String>,
     pub provider_id: Option<String>,
-    /// Its lines, in file order.
-    pub members: Vec<String>,
+    /// How many lines it was formed with ([`BatchApiStore::members`] lists them).
+    pub count: u64,
     /// When it was last looked at (ms).
     pub polled_ms: u64,
     /// A cancel was sent to the provider.
     pub cancel_sent: bool,
+    /// An upload was started (it may have reached the provider without being recorded).
+    pub upload_started: bool,
+    /// A batch creation was started (likewise).
+    pub create_started: bool,
     /// When it was submitted (ms).
     pub submitted_ms: Option<u64>,
 }
@@ -100,7 +104,7 @@ pub struct BatchApiSummary {
     pub waiting: u64,
     /// Batches formed and not finished.
     pub open: u64,
-    /// Lines in open batches.
+    /// Lines the open batches were formed with.
     pub in_batches: u64,
     /// Enqueued tokens of the open batches.
     pub enqueued_tokens: u64,
@@ -127,6 +131,10 @@ impl BatchApiStore {
 
     fn batch_key(&self, id: &str) -> String {
         format!("{}:batch:{id}", self.prefix)
+    }
+
+    fn members_key(&self, id: &str) -> String {
+        format!("{}:batch:{id}:members", self.prefix)
     }
 
     fn learnt_key(&self, key: &str, model: &str) -> String {
@@ -292,6 +300,7 @@ impl BatchApiStore {
             .key(self.key("pending"))
             .key(self.key("open"))
             .key(self.batch_key(id))
+            .key(self.members_key(id))
             .arg(id)
             .arg(key)
             .arg(model)
@@ -348,10 +357,6 @@ impl BatchApiStore {
             }
             let num = |f: &str| fields.get(f).and_then(|v| v.parse().ok()).unwrap_or(0);
             let text = |f: &str| fields.get(f).filter(|v| !v.is_empty()).cloned();
-            let members = fields
-                .get("members")
-                .and_then(|m| serde_json::from_str::<Vec<String>>(m).ok())
-                .unwrap_or_default();
             out.push(OpenBatch {
                 key: text("key").unwrap_or_default(),
                 model: text("model").unwrap_or_default(),
@@ -360,14 +365,31 @@ impl BatchApiStore {
                 state: text("state").unwrap_or_default(),
                 file_id: text("file_id"),
                 provider_id: text("provider_id"),
-                members,
+                count: num("count"),
                 polled_ms: num("polled_ms"),
                 cancel_sent: fields.contains_key("cancel_sent"),
+                upload_started: fields.contains_key("upload_started"),
+                create_started: fields.contains_key("create_started"),
                 submitted_ms: text("submitted_ms").and_then(|v| v.parse().ok()),
                 id,
             });
         }
         Ok(out)
+    }
+
+    /// The lines batch `id` was formed with, in file order.
+    pub async fn members(&self, id: &str) -> Result<Vec<String>> {
+        let mut conn = self.conn().await?;
+        let raw: Option<String> = redis::cmd("GET")
+            .arg(self.members_key(id))
+            .query_async(&mut conn)
+            .await
+            .map_err(|e| self.broken(e))?;
+        match raw {
+            None => Ok(Vec::new()),
+            Some(json) => serde_json::from_str(&json)
+                .map_err(|e| Error::Protocol(format!("members of batch {id}: {e}"))),
+        }
     }
 
     /// Records fields of batch `id` (its file id, provider id, state, when polled).
@@ -389,28 +411,46 @@ impl BatchApiStore {
         Ok(())
     }
 
-    /// Batch `id` is finished: every line of it was settled.
+    /// Batch `id` is finished: every line of it was settled. Kept once replicas have it, as
+    /// the provider's files are deleted next.
     pub async fn finish(&self, id: &str) -> Result<()> {
         let mut conn = self.conn().await?;
         let _: () = redis::pipe()
             .atomic()
             .cmd("DEL")
             .arg(self.batch_key(id))
+            .arg(self.members_key(id))
             .cmd("ZREM")
             .arg(self.key("open"))
             .arg(id)
             .query_async(&mut conn)
             .await
             .map_err(|e| self.broken(e))?;
+        self.shared
+            .replicated(&conn, &[&self.key("open")])
+            .await
+            .map_err(|e| self.broken(e))?;
         Ok(())
     }
 
-    /// Takes or keeps the submitter's lease for `owner`: true while `owner` holds it.
+    /// Takes or keeps the submitter's lease for `owner` for at least `lease` (a renewal never
+    /// shortens it): true while `owner` holds it.
     pub async fn lease(&self, owner: &str, lease: Duration) -> Result<bool> {
+        self.lock(owner, lease, false).await
+    }
+
+    /// [`BatchApiStore::lease`], set to exactly `lease` from now (to shorten it again after a
+    /// long request).
+    pub async fn lease_exactly(&self, owner: &str, lease: Duration) -> Result<bool> {
+        self.lock(owner, lease, true).await
+    }
+
+    async fn lock(&self, owner: &str, lease: Duration, exact: bool) -> Result<bool> {
         let mut inv = LOCK.prepare_invoke();
         inv.key(self.key("lock"))
             .arg(owner)
-            .arg(lease.as_millis().max(1) as u64);
+            .arg(lease.as_millis().max(1) as u64)
+            .arg(if exact { "exact" } else { "" });
         let mut conn = self.conn().await?;
         let held: i64 = inv
             .invoke_async(&mut conn)
@@ -471,7 +511,7 @@ impl BatchApiStore {
         Ok(BatchApiSummary {
             waiting,
             open: open.len() as u64,
-            in_batches: open.iter().map(|b| b.members.len() as u64).sum(),
+            in_batches: open.iter().map(|b| b.count).sum(),
             enqueued_tokens: open.iter().map(|b| b.tokens).sum(),
         })
     }

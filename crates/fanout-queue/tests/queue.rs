@@ -787,7 +787,8 @@ mod batch_api_lane {
             (b1.key.as_str(), b1.model.as_str(), b1.tokens),
             ("k1", "gpt-4o-mini", 150)
         );
-        assert_eq!(b1.members, ["r:a", "r:b"]);
+        assert_eq!(b1.count, 2);
+        assert_eq!(s.members("b1").await.unwrap(), ["r:a", "r:b"]);
         assert_eq!(b1.state, "formed");
         s.record(
             "b1",

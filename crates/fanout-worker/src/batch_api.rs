@@ -127,7 +127,12 @@ pub(crate) async fn run(handler: Arc<SectionHandler>, shutdown: CancellationToke
                     _ = shutdown.cancelled() => break,
                 }
             }
-            Ok(false) => {}
+            Ok(false) => {
+                // The lane's gauges are the holder's: others show 0 (dashboards take the max).
+                METRICS.batch_api_waiting.set(0);
+                METRICS.batch_api_open.set(0);
+                METRICS.batch_api_enqueued_tokens.reset();
+            }
             Err(e) => tracing::debug!(error = %e, "batch API lease unavailable"),
         }
     }
@@ -431,26 +436,83 @@ impl Runner {
         Ok(())
     }
 
+    /// Extends the lease over a provider request that must not be made twice (an upload, a
+    /// batch creation): no other process can take the lane over while it may be in flight.
+    /// False when this process no longer holds the lease (stop).
+    async fn hold_for_request(&self) -> anyhow::Result<bool> {
+        let span = self.deps().llm.file_timeout() + LEASE;
+        Ok(self.deps().batches.lease(&self.owner, span).await?)
+    }
+
+    /// The lease back to its usual length after such a request.
+    async fn request_done(&self) {
+        let _ = self.deps().batches.lease_exactly(&self.owner, LEASE).await;
+    }
+
     /// One step of an open batch. Returns true when the batch is finished.
     async fn advance(&self, mut batch: OpenBatch, reports: &mut Reports) -> anyhow::Result<bool> {
         let store = &self.deps().batches;
         let llm = &self.deps().llm;
         let here = Where::Batch(batch.id.clone());
+        if !self
+            .config()
+            .provider
+            .keys
+            .iter()
+            .any(|k| k.name == batch.key)
+            && batch.provider_id.is_none()
+        {
+            // Its key was removed from the configuration before it was submitted: its lines
+            // wait again, to go out with another key.
+            let members = store.members(&batch.id).await?;
+            for (member, line) in self.lines_in(&batch, &members, reports).await? {
+                store
+                    .settle(&member, &here, Settle::Retry(line.encode()))
+                    .await?;
+            }
+            self.finish(&batch, None).await?;
+            return Ok(true);
+        }
         if batch.state == "formed" {
-            let (content, count) = self.input_file(&batch, reports).await?;
-            if count == 0 {
-                store.finish(&batch.id).await?;
+            let members = store.members(&batch.id).await?;
+            let lines = self.lines_in(&batch, &members, reports).await?;
+            if lines.is_empty() {
+                self.finish(&batch, None).await?;
                 return Ok(true);
             }
+            let mut content = Vec::new();
+            for (member, line) in &lines {
+                content.extend_from_slice(line.request.batch_line(member).as_bytes());
+                content.push(b'\n');
+            }
+            drop(lines);
             let filename = format!("fanout-batch-{}.jsonl", batch.id);
-            let uploaded = match llm.find_batch_file(&batch.key, &filename).await {
-                Ok(Some(id)) => Ok(id),
-                Ok(None) => llm.upload_batch_file(&batch.key, &filename, content).await,
-                Err(e) => Err(e),
+            if !self.hold_for_request().await? {
+                return Ok(false);
+            }
+            // Only a try that may have uploaded before (and stopped before recording it) looks
+            // for its file first.
+            let earlier = match batch.upload_started {
+                true => llm
+                    .find_batch_file(&batch.key, &filename)
+                    .await
+                    .ok()
+                    .flatten(),
+                false => None,
             };
-            let file_id = match uploaded {
-                Ok(id) => id,
-                Err(e) => return self.refused(&batch, e, reports).await,
+            let file_id = match earlier {
+                Some(id) => id,
+                None => {
+                    store
+                        .record(&batch.id, &[("upload_started", "1".into())])
+                        .await?;
+                    let uploaded = llm.upload_batch_file(&batch.key, &filename, content).await;
+                    self.request_done().await;
+                    match uploaded {
+                        Ok(id) => id,
+                        Err(e) => return self.refused(&batch, e, reports).await,
+                    }
+                }
             };
             store
                 .record(
@@ -465,17 +527,39 @@ impl Runner {
             let Some(file_id) = batch.file_id.clone() else {
                 anyhow::bail!("batch {} is uploaded without a file id", batch.id);
             };
-            let created = match llm.find_batch(&batch.key, METADATA_ID, &batch.id).await {
-                Ok(Some(b)) => Ok(b),
-                Ok(None) => {
-                    llm.create_batch(&batch.key, &file_id, &[(METADATA_ID, &batch.id)])
-                        .await
-                }
-                Err(e) => Err(e),
+            if !self.hold_for_request().await? {
+                return Ok(false);
+            }
+            let earlier = match batch.create_started {
+                true => llm
+                    .find_batch(&batch.key, METADATA_ID, &batch.id)
+                    .await
+                    .ok()
+                    .flatten(),
+                false => None,
             };
-            let created = match created {
-                Ok(b) => b,
-                Err(e) => return self.refused(&batch, e, reports).await,
+            let created = match earlier {
+                Some(b) => b,
+                None => {
+                    // Nothing left to send (every line went live or was dropped meanwhile).
+                    let members = store.members(&batch.id).await?;
+                    let at = store.locate(&members).await?;
+                    if !at.iter().any(|w| w.as_ref() == Some(&here)) {
+                        self.finish(&batch, None).await?;
+                        return Ok(true);
+                    }
+                    store
+                        .record(&batch.id, &[("create_started", "1".into())])
+                        .await?;
+                    let created = llm
+                        .create_batch(&batch.key, &file_id, &[(METADATA_ID, &batch.id)])
+                        .await;
+                    self.request_done().await;
+                    match created {
+                        Ok(b) => b,
+                        Err(e) => return self.refused(&batch, e, reports).await,
+                    }
+                }
             };
             let now = now_ms();
             store
@@ -493,7 +577,7 @@ impl Runner {
                 .batch_api_batches
                 .with_label_values(&["submitted"])
                 .inc();
-            tracing::info!(batch = %batch.id, provider_batch = %created.id, lines = batch.members.len(), "batch submitted");
+            tracing::info!(batch = %batch.id, provider_batch = %created.id, lines = batch.count, "batch submitted");
             return Ok(false);
         }
         let Some(provider_id) = batch.provider_id.clone() else {
@@ -503,27 +587,21 @@ impl Runner {
                 batch.state
             );
         };
-        // Lines whose report was cancelled are dropped; those whose deadline came near go live.
-        // Read from where each line is and its deadline: a batch's lines are not loaded to
-        // poll it.
         let now = now_ms();
-        let margin = self
-            .config()
-            .batch_api
-            .live_margin_secs
-            .saturating_mul(1000);
-        let at = store.locate(&batch.members).await?;
-        let deadlines = store.deadlines(&batch.members).await?;
+        if batch
+            .polled_ms
+            .saturating_add(self.config().batch_api.poll_ms)
+            > now
+        {
+            return Ok(false);
+        }
+        // Lines whose report was cancelled are dropped (deadlines are seen to every pass, from
+        // their own index). Read from where each line is: the lines are not loaded to poll.
+        let members = store.members(&batch.id).await?;
+        let at = store.locate(&members).await?;
         let mut still = 0usize;
-        for ((member, at), deadline) in batch.members.iter().zip(at).zip(deadlines) {
-            if at.as_ref() != Some(&here) {
-                continue;
-            }
-            if self.drop_if_gone(reports, member, &here).await? {
-                continue;
-            }
-            if deadline.is_some_and(|d| now.saturating_add(margin) >= d) {
-                self.live_now(member, &here).await?;
+        for (member, at) in members.iter().zip(at) {
+            if at.as_ref() != Some(&here) || self.drop_if_gone(reports, member, &here).await? {
                 continue;
             }
             still += 1;
@@ -543,25 +621,19 @@ impl Runner {
                 .record(&batch.id, &[("cancel_sent", "1".into())])
                 .await?;
         }
-        if still > 0
-            && batch
-                .polled_ms
-                .saturating_add(self.config().batch_api.poll_ms)
-                > now
-        {
-            return Ok(false);
-        }
         let info = match llm.retrieve_batch(&batch.key, &provider_id).await {
             Ok(info) => info,
-            Err(e) if e.is_retryable() => return Err(e.into()),
             // The provider does not know the batch (any more): its lines are sent again.
-            Err(e) => {
+            Err(e) if e.status == Some(404) => {
                 let e = CallError::new(
                     ErrorKind::Server,
-                    format!("batch {provider_id} could not be read: {e}"),
+                    format!("batch {provider_id} is unknown to the provider: {e}"),
                 );
                 return self.refused(&batch, e, reports).await;
             }
+            // Anything else (unreachable, 5xx, a key the provider refuses) is tried again
+            // next poll: the batch runs on at the provider whatever we know of it.
+            Err(e) => return Err(e.into()),
         };
         store
             .record(&batch.id, &[("polled_ms", now.to_string())])
@@ -569,8 +641,38 @@ impl Runner {
         if !info.state.is_final() {
             return Ok(false);
         }
-        self.settle_batch(&batch, &info, reports).await?;
-        Ok(true)
+        match self.settle_batch(&batch, &members, &info, reports).await {
+            Ok(()) => Ok(true),
+            // Its files cannot be read (gone, refused): its lines are sent again.
+            Err(e) => match e.downcast::<CallError>() {
+                Ok(e) if !e.is_retryable() => {
+                    let e = CallError::new(
+                        ErrorKind::Server,
+                        format!("the results of batch {provider_id} could not be read: {e}"),
+                    );
+                    self.refused(&batch, e, reports).await
+                }
+                Ok(e) => Err(e.into()),
+                Err(e) => Err(e),
+            },
+        }
+    }
+
+    /// Forgets `batch` (once replicas have it) and deletes its files at the provider:
+    /// the input file, and the output and error files of `info`.
+    async fn finish(&self, batch: &OpenBatch, info: Option<&BatchInfo>) -> anyhow::Result<()> {
+        self.deps().batches.finish(&batch.id).await?;
+        let files = [
+            batch.file_id.as_ref(),
+            info.and_then(|i| i.output_file_id.as_ref()),
+            info.and_then(|i| i.error_file_id.as_ref()),
+        ];
+        for file in files.into_iter().flatten() {
+            if let Err(e) = self.deps().llm.delete_file(&batch.key, file).await {
+                tracing::debug!(file, error = %e, "batch file not deleted");
+            }
+        }
+        Ok(())
     }
 
     /// A Files or Batch API request of `batch` failed. A retryable failure (the provider
@@ -587,58 +689,66 @@ impl Runner {
         }
         tracing::warn!(batch = %batch.id, key = %batch.key, error = %err, "the provider refused a batch request: its lines are settled with that error");
         let here = Where::Batch(batch.id.clone());
-        for (member, line) in self.lines_in(batch, reports).await? {
+        let members = self.deps().batches.members(&batch.id).await?;
+        for (member, line) in self.lines_in(batch, &members, reports).await? {
             self.retry_or_fail(&member, &here, line, err.clone())
                 .await?;
         }
-        let store = &self.deps().batches;
-        store.finish(&batch.id).await?;
+        self.finish(batch, None).await?;
         Ok(true)
     }
 
-    /// The input file of `batch`: its lines still in it (those of cancelled reports are
-    /// dropped first), as JSONL, and how many.
-    async fn input_file(
-        &self,
-        batch: &OpenBatch,
-        reports: &mut Reports,
-    ) -> anyhow::Result<(Vec<u8>, usize)> {
-        let mut content = Vec::new();
-        let lines = self.lines_in(batch, reports).await?;
-        for (member, line) in &lines {
-            content.extend_from_slice(line.request.batch_line(member).as_bytes());
-            content.push(b'\n');
-        }
-        Ok((content, lines.len()))
-    }
-
-    /// The lines still in `batch`, read: a line that cannot be read, or whose report was
-    /// cancelled or is gone, is settled (dropped) on the way.
+    /// The lines still in `batch` (of its `members`), read: a line that cannot be read fails
+    /// its section, and one whose report was cancelled or is gone is dropped, on the way.
     async fn lines_in(
         &self,
         batch: &OpenBatch,
+        members: &[String],
         reports: &mut Reports,
     ) -> anyhow::Result<Vec<(String, Line)>> {
         let store = &self.deps().batches;
         let here = Where::Batch(batch.id.clone());
-        let at = store.locate(&batch.members).await?;
-        let raw = store.lines(&batch.members).await?;
-        let mut out = Vec::with_capacity(batch.members.len());
-        for ((member, at), raw) in batch.members.iter().zip(at).zip(raw) {
-            if at.as_ref() != Some(&here) {
+        let at = store.locate(members).await?;
+        let raw = store.lines(members).await?;
+        let mut out = Vec::with_capacity(members.len());
+        for ((member, at), raw) in members.iter().zip(at).zip(raw) {
+            if at.as_ref() != Some(&here) || self.drop_if_gone(reports, member, &here).await? {
                 continue;
             }
-            let Some(line) = raw.and_then(|r| serde_json::from_str::<Line>(&r).ok()) else {
-                tracing::error!(member, "unreadable batch line dropped");
-                store.settle(member, &here, Settle::Done).await?;
-                continue;
-            };
-            if self.drop_if_gone(reports, member, &here).await? {
-                continue;
+            match raw.and_then(|r| serde_json::from_str::<Line>(&r).ok()) {
+                Some(line) => out.push((member.clone(), line)),
+                None => self.unreadable(member, &here).await?,
             }
-            out.push((member.clone(), line));
         }
         Ok(out)
+    }
+
+    /// A line that cannot be read (written by another version, or damaged): its section
+    /// fails with that reason, so that its report still finishes.
+    async fn unreadable(&self, member: &str, at: &Where) -> anyhow::Result<()> {
+        tracing::error!(member, "unreadable batch line: its section fails");
+        let (report, job_id) = member.split_once(':').unwrap_or((member, ""));
+        let job = SectionJob::new(report, job_id);
+        match self.deps().store.job_context(report, job_id).await {
+            Ok(ctx) => {
+                let lane = ctx.lane.to_string();
+                self.handler
+                    .fail(
+                        &job,
+                        &ctx.node.section,
+                        &lane,
+                        "batch_line",
+                        "its line in the Batch API lane could not be read",
+                        0,
+                    )
+                    .await?;
+            }
+            Err(fanout_aggregator::Error::ReportNotFound { .. })
+            | Err(fanout_aggregator::Error::UnknownJob { .. }) => {}
+            Err(e) => return Err(e.into()),
+        }
+        self.deps().batches.settle(member, at, Settle::Done).await?;
+        Ok(())
     }
 
     /// A batch ended: every line still in it is completed, retried or failed from its output
@@ -646,6 +756,7 @@ impl Runner {
     async fn settle_batch(
         &self,
         batch: &OpenBatch,
+        members: &[String],
         info: &BatchInfo,
         reports: &mut Reports,
     ) -> anyhow::Result<()> {
@@ -682,7 +793,7 @@ impl Runner {
                 .filter(|b| b.id != batch.id && b.key == batch.key && b.model == batch.model)
                 .map(|b| b.tokens)
                 .sum();
-            too_large = others == 0 && batch.members.len() == 1;
+            too_large = others == 0 && batch.count == 1;
             if !too_large {
                 let learnt = (others + batch.tokens / 2).max(1);
                 let ttl = Duration::from_secs(self.config().batch_api.learned_ttl_secs);
@@ -700,7 +811,7 @@ impl Runner {
         let latency = Duration::from_millis(
             now_ms().saturating_sub(batch.submitted_ms.unwrap_or(batch.created_ms)),
         );
-        for (member, line) in self.lines_in(batch, reports).await? {
+        for (member, line) in self.lines_in(batch, members, reports).await? {
             let member = member.as_str();
             let outcome = match records.remove(member) {
                 Some(Ok(answer)) => answer.into_response(&line.request, latency),
@@ -717,6 +828,19 @@ impl Runner {
                         .await?;
                     continue;
                 }
+                // A batch the provider failed as a whole (a model it does not batch, a file
+                // it does not accept) is the request's fault, as a live 400 is: no retry.
+                None if info.state == BatchState::Failed => Err(CallError::new(
+                    ErrorKind::BadRequest,
+                    format!(
+                        "batch {} failed{}",
+                        info.id,
+                        whole_batch_error
+                            .as_deref()
+                            .map(|e| format!(": {e}"))
+                            .unwrap_or_default()
+                    ),
+                )),
                 None => Err(CallError::new(
                     ErrorKind::Server,
                     format!(
@@ -754,24 +878,12 @@ impl Runner {
                 Err(e) => self.retry_or_fail(member, &here, line, e).await?,
             }
         }
-        store.finish(&batch.id).await?;
+        self.finish(batch, Some(info)).await?;
         METRICS
             .batch_api_batches
             .with_label_values(&[info.state.as_str()])
             .inc();
         tracing::info!(batch = %batch.id, provider_batch = %info.id, state = info.state.as_str(), "batch finished");
-        for file in [
-            batch.file_id.as_ref(),
-            info.output_file_id.as_ref(),
-            info.error_file_id.as_ref(),
-        ]
-        .into_iter()
-        .flatten()
-        {
-            if let Err(e) = llm.delete_file(&batch.key, file).await {
-                tracing::debug!(file, error = %e, "batch file not deleted");
-            }
-        }
         Ok(())
     }
 
@@ -785,7 +897,9 @@ impl Runner {
         err: CallError,
     ) -> anyhow::Result<()> {
         let store = &self.deps().batches;
-        let attempts = line.attempts + 1;
+        // As on the live path, a rate limit is not the request's failure: no attempt spent.
+        let spent = u32::from(err.kind != ErrorKind::RateLimited);
+        let attempts = line.attempts + spent;
         if err.is_retryable() && attempts < self.config().queue.max_attempts {
             tracing::warn!(report = %line.report_id, section = %line.job_id, attempts, error = %err, "batch line failed, will retry");
             line.attempts = attempts;

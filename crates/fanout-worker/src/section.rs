@@ -205,6 +205,15 @@ impl Handler for SectionHandler {
         let Ok(job) = serde_json::from_value::<SectionJob>(payload) else {
             return; // undecodable: nothing to attribute it to; the dead letter keeps it
         };
+        if job.live {
+            // A batch line moved to this live call: the lane forgets it (a replay runs the
+            // section again through the lane).
+            let _ = self
+                .deps
+                .batches
+                .settle(&job.member(), &Where::Live, Settle::Done)
+                .await;
+        }
         let reason = format!("dead-lettered: {reason}");
         let mut delay = Duration::from_millis(200);
         for attempt in 1..=5 {

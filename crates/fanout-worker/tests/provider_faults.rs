@@ -155,7 +155,6 @@ impl Stack {
                     idempotency_key: idempotency_key.map(str::to_owned),
                     callback_url: None,
                     batch_api: None,
-                    deadline_secs: None,
                 },
             )
             .await?;

@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 use utoipa::openapi::schema::{Object, ObjectBuilder, SchemaType, Type};
 
-use crate::SubmitRequest;
+use crate::{BatchApiChoice, SubmitRequest};
 
 /// `POST /v1/reports`: a report from a template and its inputs. Its schema in
 /// `/openapi.json` is refined per template (one alternative per template, with that
@@ -41,16 +41,47 @@ pub struct SubmitBody {
         pattern = r"^https?://((([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)*[A-Za-z]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)|((25[0-5]|2[0-4][0-9]|1[0-9]{2}|[1-9]?[0-9])\.){3}(25[0-5]|2[0-4][0-9]|1[0-9]{2}|[1-9]?[0-9]))(:(6553[0-5]|655[0-2][0-9]|65[0-4][0-9]{2}|6[0-4][0-9]{3}|[1-5][0-9]{4}|[0-9]{1,4}))?([/?][!-~]*)?$"
     )]
     pub callback_url: Option<String>,
-    /// Run the sections through the provider's Batch API: half the price, answers within
-    /// 24 hours (sooner in practice). Default: the template's `batch_api`.
+    /// Run the sections through the provider's Batch API (half the price, answers within 24
+    /// hours, sooner in practice): `true`, or `{"deadline_secs": N}` to have the report
+    /// finished within N seconds (1 to 2592000) of the submit (sections a batch would not
+    /// answer in time run as live calls); `false` for live calls. Default: the template's
+    /// `batch_api` (and `batch_deadline_secs`).
     #[serde(default)]
-    pub batch_api: Option<bool>,
-    /// With `batch_api`: the report must be finished this many seconds after the submit;
-    /// sections a batch would not answer in time run as live calls. 1 to 2592000 (30 days).
-    /// Default: the template's `batch_deadline_secs`, else none.
-    #[serde(default)]
-    #[schema(minimum = 1, maximum = 2592000)]
-    pub deadline_secs: Option<u64>,
+    #[schema(schema_with = batch_api_schema)]
+    pub batch_api: Option<BatchApiChoice>,
+}
+
+/// `batch_api`'s schema: a boolean, or an object with an optional `deadline_secs`.
+fn batch_api_schema() -> utoipa::openapi::schema::Schema {
+    use utoipa::openapi::schema::{AdditionalProperties, OneOfBuilder, Type};
+    let deadline = ObjectBuilder::new()
+        .schema_type(SchemaType::Type(Type::Integer))
+        .minimum(Some(1))
+        .maximum(Some(fanout_core::template::MAX_BATCH_DEADLINE_SECS))
+        .description(Some(
+            "Seconds after the submit by which the report must be finished.",
+        ))
+        .build();
+    OneOfBuilder::new()
+        .item(
+            ObjectBuilder::new()
+                .schema_type(SchemaType::Type(Type::Boolean))
+                .build(),
+        )
+        .item(
+            ObjectBuilder::new()
+                .schema_type(SchemaType::Type(Type::Object))
+                .property("deadline_secs", deadline)
+                .additional_properties(Some(AdditionalProperties::FreeForm(false)))
+                .build(),
+        )
+        .item(
+            ObjectBuilder::new()
+                .schema_type(SchemaType::Type(Type::Null))
+                .build(),
+        )
+        .build()
+        .into()
 }
 
 impl From<SubmitBody> for SubmitRequest {
@@ -62,7 +93,6 @@ impl From<SubmitBody> for SubmitRequest {
             idempotency_key,
             callback_url,
             batch_api,
-            deadline_secs,
         } = b;
         Self {
             template,
@@ -71,7 +101,6 @@ impl From<SubmitBody> for SubmitRequest {
             idempotency_key,
             callback_url,
             batch_api,
-            deadline_secs,
         }
     }
 }
@@ -326,17 +355,45 @@ mod tests {
             lane: Some(Lane::Batch),
             idempotency_key: Some("k".into()),
             callback_url: None,
-            batch_api: Some(true),
-            deadline_secs: Some(3600),
+            batch_api: Some(crate::BatchApiChoice::On {
+                deadline_secs: Some(3600),
+            }),
         };
         let body: SubmitBody = serde_json::from_value(serde_json::to_value(&req).unwrap()).unwrap();
         let back = SubmitRequest::from(body.clone());
         assert_eq!(back.lane, Some(Lane::Batch));
         assert_eq!(
-            (back.batch_api, back.deadline_secs),
-            (Some(true), Some(3600))
+            back.batch_api,
+            Some(crate::BatchApiChoice::On {
+                deadline_secs: Some(3600)
+            })
         );
         assert_eq!(body.template, "t");
+        for (json, choice) in [
+            (serde_json::json!(false), crate::BatchApiChoice::Off),
+            (
+                serde_json::json!(true),
+                crate::BatchApiChoice::On {
+                    deadline_secs: None,
+                },
+            ),
+            (
+                serde_json::json!({"deadline_secs": 60}),
+                crate::BatchApiChoice::On {
+                    deadline_secs: Some(60),
+                },
+            ),
+        ] {
+            assert_eq!(serde_json::to_value(choice).unwrap(), json);
+            assert_eq!(
+                serde_json::from_value::<crate::BatchApiChoice>(json).unwrap(),
+                choice
+            );
+        }
+        let e = serde_json::from_value::<crate::BatchApiChoice>(serde_json::json!("yes"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("true, false, or an object"), "{e}");
     }
 
     #[test]
