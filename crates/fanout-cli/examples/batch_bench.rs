@@ -25,6 +25,11 @@ const PERSONAS: usize = 50;
 const TIME_SCALE: f64 = 0.01;
 /// The simulator's batch turnaround (provider seconds): its default, 10 minutes.
 const SIM_TURNAROUND: f64 = 600.0;
+/// The account's live limits per provider minute: OpenAI's tier 1 for gpt-4o-mini. The
+/// simulator enforces (and advertises) them per real minute, so they are given ÷ scale: the
+/// budget then paces live calls as it would against tier 1 in provider time.
+const TIER1_RPM: f64 = 500.0;
+const TIER1_TPM: f64 = 200_000.0;
 
 fn main() -> anyhow::Result<()> {
     let fanout = std::env::current_exe()?
@@ -49,6 +54,8 @@ fn main() -> anyhow::Result<()> {
     let listen = format!("127.0.0.1:{sim_port}");
     let scale = TIME_SCALE.to_string();
     let turnaround = SIM_TURNAROUND.to_string();
+    let rpm = ((TIER1_RPM / TIME_SCALE) as u64).to_string();
+    let tpm = ((TIER1_TPM / TIME_SCALE) as u64).to_string();
     let _sim = FanoutProcess::start(
         "sim",
         &[
@@ -59,6 +66,10 @@ fn main() -> anyhow::Result<()> {
             &scale,
             "--batch-turnaround-secs",
             &turnaround,
+            "--rpm",
+            &rpm,
+            "--tpm",
+            &tpm,
         ],
         &[],
     );
@@ -92,8 +103,9 @@ fn main() -> anyhow::Result<()> {
     println!(
         "### A {PERSONAS}-persona panel, live and through the Batch API\n\n\
          {ROUNDS} rounds, alternating (live first in rounds 1 and 3); simulator time scale \
-         {TIME_SCALE}, batch turnaround {SIM_TURNAROUND} provider-s; wall times in \
-         provider-seconds (real ÷ scale).\n"
+         {TIME_SCALE}, batch turnaround {SIM_TURNAROUND} provider-s, live limits {TIER1_RPM} \
+         RPM and {TIER1_TPM} TPM per provider minute; wall times in provider-seconds (real ÷ \
+         scale).\n"
     );
     println!("| round | mode | cost | tokens | wall (provider s) | batches | live calls |");
     println!("| --- | --- | --- | --- | --- | --- | --- |");

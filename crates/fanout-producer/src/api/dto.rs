@@ -55,7 +55,7 @@ pub struct SubmitBody {
 fn batch_api_schema() -> utoipa::openapi::schema::Schema {
     use utoipa::openapi::schema::{AdditionalProperties, OneOfBuilder, Type};
     let deadline = ObjectBuilder::new()
-        .schema_type(SchemaType::Type(Type::Integer))
+        .schema_type(SchemaType::Array(vec![Type::Integer, Type::Null]))
         .minimum(Some(1))
         .maximum(Some(fanout_core::template::MAX_BATCH_DEADLINE_SECS))
         .description(Some(
