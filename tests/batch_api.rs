@@ -105,6 +105,26 @@ fn wait_batches(cluster: &Cluster, timeout: Duration, done: impl Fn(&Value) -> b
     }
 }
 
+/// Whether the lane has an open batch and every one is recorded as submitted.
+fn submitted(cluster: &Cluster) -> bool {
+    let mut conn = cluster.redis.conn();
+    let ids: Vec<String> = redis::cmd("ZRANGE")
+        .arg("{systest:batchapi}:open")
+        .arg(0)
+        .arg(-1)
+        .query(&mut conn)
+        .unwrap();
+    !ids.is_empty()
+        && ids.iter().all(|id| {
+            let state: Option<String> = redis::cmd("HGET")
+                .arg(format!("{{systest:batchapi}}:batch:{id}"))
+                .arg("state")
+                .query(&mut conn)
+                .unwrap();
+            state.as_deref() == Some("submitted")
+        })
+}
+
 fn status_json(cluster: &Cluster) -> Value {
     let (code, out, err) = cluster.fanout(&["status", "--json"]);
     assert_eq!(code, 0, "{err}");
@@ -215,6 +235,17 @@ fn a_worker_killed_while_its_batch_is_in_flight_neither_loses_nor_resubmits_it()
     wait_batches(&cluster, Duration::from_secs(30), |b| {
         count(b, "created") == 1
     });
+    // Killed once the worker has recorded the batch as submitted (while a creation is in
+    // flight the lane's lease is held for the request's whole timeout, and a takeover would
+    // wait that long).
+    let until = Instant::now() + Duration::from_secs(30);
+    while !submitted(&cluster) {
+        assert!(
+            Instant::now() < until,
+            "the batch was never recorded as submitted"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
     cluster.workers[0].kill();
     std::thread::sleep(Duration::from_millis(500));
     cluster.restart_worker(0, 1);
