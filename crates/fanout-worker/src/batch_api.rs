@@ -53,9 +53,6 @@ pub(crate) struct Line {
     /// Batches that answered it with an error (or never answered it).
     #[serde(default)]
     pub attempts: u32,
-    pub parked_ms: u64,
-    #[serde(default)]
-    pub last_error: Option<String>,
 }
 
 impl Line {
@@ -903,7 +900,6 @@ impl Runner {
         if err.is_retryable() && attempts < self.config().queue.max_attempts {
             tracing::warn!(report = %line.report_id, section = %line.job_id, attempts, error = %err, "batch line failed, will retry");
             line.attempts = attempts;
-            line.last_error = Some(err.to_string());
             if line.near_deadline(self.config(), now_ms()) {
                 return self.go_live(member, &line, at).await;
             }

@@ -377,10 +377,8 @@ impl SectionHandler {
                 tokens: estimate,
                 deadline_ms,
                 attempts: 0,
-                parked_ms: crate::batch_api::now_ms(),
-                last_error: None,
             };
-            if !line.near_deadline(&self.deps.config, line.parked_ms) {
+            if !line.near_deadline(&self.deps.config, crate::batch_api::now_ms()) {
                 let at = self
                     .deps
                     .batches
